@@ -1,0 +1,37 @@
+"""ejnsa: Native Sparse Attention (DeepSeek NSA, arXiv 2502.11089) for JAX."""
+
+from importlib import metadata as _metadata
+from importlib import util as _util
+
+from ._api import apply_native_sparse_attention as apply_native_sparse_attention
+from ._api import mean_pooling as mean_pooling
+from ._api import native_sparse_attention as native_sparse_attention
+from ._api import nsa_compression as nsa_compression
+from ._api import nsa_topk as nsa_topk
+from ._api import sliding_window_attention as sliding_window_attention
+from ._registry import Backend as Backend
+from ._registry import Platform as Platform
+from ._registry import kernel_registry as kernel_registry
+from . import xla as xla  # registers the XLA implementations
+
+# The Triton kernels register themselves for GPUs; importing them needs the triton
+# package (Linux only) but neither a GPU nor jax_triton, which is imported at launch.
+if _util.find_spec("triton") is not None:
+    from . import triton as triton  # noqa: F401
+
+try:
+    __version__ = _metadata.version("ejnsa")
+except _metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "Backend",
+    "Platform",
+    "apply_native_sparse_attention",
+    "kernel_registry",
+    "mean_pooling",
+    "native_sparse_attention",
+    "nsa_compression",
+    "nsa_topk",
+    "sliding_window_attention",
+]

@@ -1,0 +1,100 @@
+"""The NSA pipeline: pooling -> compression -> top-k -> selection -> window -> gating.
+
+One composition serves every platform: each piece is looked up in the kernel registry
+for the platform the pipeline was built for, while mean pooling and the gated sum stay
+in XLA (cheap, fusable, differentiated by JAX). `register_pipeline` registers the
+composition as the platform's "native_sparse_attention".
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from ._registry import Backend, Platform, kernel_registry
+from ._varlen import cdiv
+
+
+def topk_slots(block_counts, seq_len: int, block_size: int) -> int:
+    """Static number of top-k slots: S for an int; every possible block for an array.
+
+    An array's counts are unknown at trace time, so top-k keeps ceil(T / l) slots, enough
+    for any count; slots past a token's count are ignored (or set to -1 by nsa_topk).
+    """
+    if isinstance(block_counts, int):
+        return block_counts
+    return cdiv(seq_len, block_size)
+
+
+def clamp_counts(block_counts, num_slots: int):
+    """None for an int (all S entries are used), else the array clamped to [0, S]."""
+    if isinstance(block_counts, int):
+        return None
+    return jnp.clip(block_counts.astype(jnp.int32), 0, num_slots)
+
+
+def native_sparse_attention_pipeline(
+    query,
+    key,
+    value,
+    g_cmp,
+    g_slc,
+    g_swa,
+    block_indices,
+    block_counts,
+    block_size,
+    window_size,
+    softmax_scale,
+    cu_seqlens,
+    *,
+    platform: Platform,
+    backend: Backend,
+):
+    """Validated arguments in, o [B, T, HQ, Dv] out (query's dtype)."""
+    piece = functools.partial(kernel_registry.get, platform=platform, backend=backend)
+    pool = kernel_registry.get("mean_pooling", Platform.XLA, Backend.ANY)
+    seq_len = query.shape[1]
+
+    o_cmp = None
+    if g_cmp is not None or block_indices is None:
+        k_cmp = pool(key, block_size, cu_seqlens)
+        lse = None
+        if g_cmp is not None:
+            v_cmp = pool(value, block_size, cu_seqlens)
+            o_cmp, lse = piece("nsa_compression")(query, k_cmp, v_cmp, block_size, softmax_scale, cu_seqlens)
+        if block_indices is None:
+            # Selection is not differentiable (SPEC step 3): no gradient through the scores.
+            slots = topk_slots(block_counts, seq_len, block_size)
+            block_indices = piece("nsa_topk")(
+                jax.lax.stop_gradient(query),
+                jax.lax.stop_gradient(k_cmp),
+                None if lse is None else jax.lax.stop_gradient(lse),
+                slots,
+                block_size,
+                softmax_scale,
+                cu_seqlens,
+            )
+
+    counts = clamp_counts(block_counts, block_indices.shape[-1])
+    o_slc = piece("apply_native_sparse_attention")(
+        query, key, value, block_indices, counts, block_size, softmax_scale, cu_seqlens
+    )
+
+    def gated(o, g):
+        return o.astype(jnp.float32) * g.astype(jnp.float32)[..., None]
+
+    o = gated(o_slc, g_slc) if g_slc is not None else o_slc.astype(jnp.float32)
+    if o_cmp is not None:
+        o = o + gated(o_cmp, g_cmp)
+    if window_size > 0:
+        o_swa = piece("sliding_window_attention")(query, key, value, window_size, softmax_scale, cu_seqlens)
+        o = o + gated(o_swa, g_swa)
+    return o.astype(query.dtype)
+
+
+def register_pipeline(platform: Platform, backend: Backend) -> None:
+    fn = functools.partial(native_sparse_attention_pipeline, platform=platform, backend=backend)
+    functools.update_wrapper(fn, native_sparse_attention_pipeline)
+    kernel_registry.register("native_sparse_attention", platform, backend)(fn)

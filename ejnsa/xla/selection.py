@@ -1,0 +1,66 @@
+"""Selected (block-sparse) attention (SPEC step 4), in XLA.
+
+For each token the keys of its listed blocks are gathered ([S * l] keys per token and
+KV head) and attended with a causal mask. A block listed twice is gathered twice, so
+its keys count twice in the softmax, as the spec says.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .._registry import Backend, Platform, kernel_registry
+from .._varlen import token_info
+from ._common import einsum, map_query_chunks, masked_softmax_stats, normalise
+
+# Gathered keys per chunk and KV head: chunk * S * l is kept near this many.
+GATHERED_KEYS = 1 << 16
+
+
+def gather_tokens(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """x [B, T, H, D], idx [B, C, H, K] token indices -> [B, C, H, K, D]."""
+    b, c, h, k = idx.shape
+    xt = jnp.moveaxis(x, 2, 1)  # [B, H, T, D]
+    it = jnp.moveaxis(idx, 2, 1).reshape(b, h, c * k)
+    g = jax.vmap(jax.vmap(lambda xx, ii: jnp.take(xx, ii, axis=0)))(xt, it)  # [B, H, C*K, D]
+    return jnp.moveaxis(g.reshape(b, h, c, k, -1), 1, 2)
+
+
+@kernel_registry.register("apply_native_sparse_attention", Platform.XLA, Backend.ANY)
+def apply_native_sparse_attention(query, key, value, block_indices, block_counts, block_size, softmax_scale, cu_seqlens):
+    """o_slc [B, T, HQ, Dv] in query's dtype.
+
+    `block_counts` is None (use all S entries) or int [B, T, H].
+    """
+    batch, seq_len, hq, _ = query.shape
+    h = key.shape[2]
+    num_sel = block_indices.shape[-1]
+    info = token_info(cu_seqlens, seq_len, block_size)
+    if block_counts is None:
+        block_counts = jnp.full(block_indices.shape[:3], num_sel, jnp.int32)
+    offs = jnp.arange(block_size, dtype=jnp.int32)
+
+    def body(q, idx, cnt, pos, bos):
+        c = q.shape[1]
+        slot = jnp.arange(num_sel, dtype=jnp.int32)
+        # A block starting after the token holds no visible key; testing that on the
+        # index itself (not on idx * l) keeps huge out-of-range indices from overflowing.
+        cur = (pos // block_size)[None, :, None, None]
+        use = (idx >= 0) & (idx <= cur) & (slot < cnt[..., None])  # [B, C, H, S]
+        kpos = jnp.where(use, idx, 0)[..., None] * block_size + offs  # position in the sequence [B, C, H, S, l]
+        ok = use[..., None] & (kpos <= pos[None, :, None, None, None])
+        tok = jnp.clip(bos[None, :, None, None, None] + kpos, 0, seq_len - 1).reshape(batch, c, h, -1)
+        ok = ok.reshape(batch, c, h, -1)
+        kg = gather_tokens(key, tok).astype(jnp.float32)  # [B, C, H, S*l, Dk]
+        vg = gather_tokens(value, tok).astype(jnp.float32)
+        qg = q.astype(jnp.float32).reshape(batch, c, h, hq // h, -1)
+        s = einsum("bchgd,bchjd->bchgj", qg, kg) * softmax_scale
+        p, denom, _ = masked_softmax_stats(s, ok[:, :, :, None, :])
+        o = normalise(einsum("bchgj,bchjd->bchgd", p, vg), denom)
+        return o.reshape(batch, c, hq, -1)
+
+    chunk = max(1, GATHERED_KEYS // (num_sel * block_size))
+    idx = block_indices.astype(jnp.int32)
+    o = map_query_chunks(body, chunk, (query, idx, block_counts.astype(jnp.int32)), (info.pos, info.bos), seq_len)
+    return o.astype(query.dtype)

@@ -1,0 +1,62 @@
+"""Top-k block selection (SPEC step 3), in XLA.
+
+score[t, h, c] is the mean over the G query heads of KV head h of the compressed
+softmax probability of block c; forced blocks {0, t//l, t//l - 1} score 1.0, which no
+probability mean exceeds. `lax.top_k` breaks ties toward the smaller index, which is
+exactly the rule of the spec.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .._registry import Backend, Platform, kernel_registry
+from .._varlen import token_info
+from ._common import map_query_chunks, masked_softmax_stats
+from .compression import CHUNK, compression_scores
+
+
+def block_scores(s, vis, lse, pos, boc, block_size):
+    """Scores [B, C, H, TC] of a chunk (-inf for non-candidates)."""
+    if lse is None:
+        _, _, lse_g = masked_softmax_stats(s, vis[None, :, None, None, :])
+    else:
+        lse_g = lse.reshape(s.shape[:4])
+    lse_g = jnp.where(jnp.isfinite(lse_g), lse_g, 0.0)
+    p = jnp.where(vis[None, :, None, None, :], jnp.exp(s - lse_g[..., None]), 0.0)
+    score = p.mean(axis=3)
+    local = jnp.arange(s.shape[-1], dtype=jnp.int32)[None, :] - boc[:, None]  # [C, TC]
+    cur = (pos // block_size)[:, None]
+    forced = (local >= 0) & ((local == 0) | (local == cur) | (local == cur - 1))
+    cand = forced | vis
+    score = jnp.where(forced[None, :, None, :], 1.0, score)
+    return jnp.where(cand[None, :, None, :], score, -jnp.inf)
+
+
+@kernel_registry.register("nsa_topk", Platform.XLA, Backend.ANY)
+def nsa_topk(query, k_cmp, lse, num_selected, block_size, softmax_scale, cu_seqlens):
+    """int32 [B, T, H, S] block indices (local to each sequence), -1 padded.
+
+    `lse` [B, T, HQ] from the compression forward, or None to compute it here.
+    """
+    batch, seq_len = query.shape[:2]
+    h = k_cmp.shape[2]
+    info = token_info(cu_seqlens, seq_len, block_size)
+    query, k_cmp = lax.stop_gradient(query), lax.stop_gradient(k_cmp)
+    rows = k_cmp.shape[1]
+
+    def body(q, *rest):
+        *lse_c, pos, boc = rest
+        s, vis = compression_scores(q, k_cmp, pos, boc, block_size, softmax_scale)
+        score = block_scores(s, vis, lse_c[0] if lse_c else None, pos, boc, block_size)
+        if rows < num_selected:  # top_k needs at least k columns
+            score = jnp.pad(score, ((0, 0),) * 3 + ((0, num_selected - rows),), constant_values=-jnp.inf)
+        val, idx = lax.top_k(score, num_selected)
+        idx = jnp.where(val > -jnp.inf, idx - boc[None, :, None, None], -1)
+        return idx.astype(jnp.int32)
+
+    batched = (query,) if lse is None else (query, lax.stop_gradient(lse))
+    out = map_query_chunks(body, CHUNK, batched, (info.pos, info.boc), seq_len)
+    return out.reshape(batch, seq_len, h, num_selected)

@@ -1,0 +1,49 @@
+"""Sliding-window attention (SPEC step 5), in XLA.
+
+Each chunk of C queries needs only the C + w - 1 keys ending at its last token, so the
+keys are cut with one dynamic slice per chunk and memory stays O(T * (C + w)).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from .._registry import Backend, Platform, kernel_registry
+from .._varlen import token_info
+from ._common import einsum, map_query_chunks, masked_softmax_stats, normalise
+
+CHUNK = 128
+
+
+@kernel_registry.register("sliding_window_attention", Platform.XLA, Backend.ANY)
+def sliding_window_attention(query, key, value, window_size, softmax_scale, cu_seqlens):
+    """o_swa [B, T, HQ, Dv] in query's dtype; keys j with t - w < j <= t in t's sequence."""
+    batch, seq_len, hq, _ = query.shape
+    h = key.shape[2]
+    info = token_info(cu_seqlens, seq_len, 16)
+    w = min(window_size, seq_len)  # a window past T sees the same keys as one of T
+    chunk = min(CHUNK, seq_len)
+    span = chunk + w - 1
+    # Front padding lets every chunk slice [start - (w - 1), start + chunk) in bounds.
+    n_chunks = -(-seq_len // chunk)
+    back = n_chunks * chunk - seq_len
+    kp = jnp.pad(key, ((0, 0), (w - 1, back), (0, 0), (0, 0)))
+    vp = jnp.pad(value, ((0, 0), (w - 1, back), (0, 0), (0, 0)))
+
+    def body(q, t, bos):
+        c = q.shape[1]
+        start = t[0]  # first token of this chunk; the slice begins w - 1 before it
+        kc = lax.dynamic_slice_in_dim(kp, start, span, axis=1).astype(jnp.float32)
+        vc = lax.dynamic_slice_in_dim(vp, start, span, axis=1).astype(jnp.float32)
+        j = start - (w - 1) + jnp.arange(span, dtype=jnp.int32)  # key token index
+        ok = (j[None, :] <= t[:, None]) & (j[None, :] > t[:, None] - w) & (j[None, :] >= bos[:, None])
+        qg = q.astype(jnp.float32).reshape(batch, c, h, hq // h, -1)
+        s = einsum("bchgd,bjhd->bchgj", qg, kc) * softmax_scale
+        p, denom, _ = masked_softmax_stats(s, ok[None, :, None, None, :])
+        o = normalise(einsum("bchgj,bjhd->bchgd", p, vc), denom)
+        return o.reshape(batch, c, hq, -1)
+
+    t = jnp.arange(seq_len, dtype=jnp.int32)
+    o = map_query_chunks(body, chunk, (query,), (t, info.bos), seq_len)
+    return o.astype(query.dtype)

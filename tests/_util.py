@@ -1,0 +1,193 @@
+"""Helpers shared by the reference tests: random inputs, error ratios, top-k set checks."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+try:
+    from . import reference as ref
+except ImportError:  # tests/ is not a package: pytest put it on sys.path
+    import reference as ref
+
+# Relative error ‖a − b‖ / ‖b‖ allowed against the float64 reference, per input dtype.
+# float32 is the real correctness check; for bf16/fp16 the output (and each gradient) is
+# rounded to the input dtype, worth about 2^-9 / 2^-11 relative, so these leave a few times
+# that and nothing more.
+TOL_OUT = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
+TOL_GRAD = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 4e-3}
+# Two reference top-k scores closer than this are a tie the implementation may break either
+# way (scores are probabilities in [0, 1], computed in float32 by the implementation).
+TIE_TOL = 1e-6
+
+DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+
+
+def dtype_key(dtype):
+    return {np.dtype(jnp.float32): jnp.float32, np.dtype(jnp.bfloat16): jnp.bfloat16,
+            np.dtype(jnp.float16): jnp.float16}[np.dtype(dtype)]
+
+
+def f64(x):
+    """Exact float64 copy of a (possibly bf16/fp16) array: what the reference is fed."""
+    return np.asarray(jnp.asarray(x).astype(jnp.float32)).astype(np.float64)
+
+
+def rel_err(a, b):
+    """‖a − b‖ / ‖b‖ in float64 (‖a − b‖ when b is all zero)."""
+    a = f64(a) if not isinstance(a, np.ndarray) or a.dtype != np.float64 else a
+    b = f64(b) if not isinstance(b, np.ndarray) or b.dtype != np.float64 else b
+    assert a.shape == b.shape, (a.shape, b.shape)
+    nb = np.linalg.norm(b)
+    diff = np.linalg.norm(a - b)
+    return float(diff / nb) if nb > 0 else float(diff)
+
+
+def assert_close(actual, expected, tol, name=""):
+    actual64 = f64(actual)
+    assert np.all(np.isfinite(actual64)), f"{name}: non-finite values in the result"
+    err = rel_err(actual64, np.asarray(expected, np.float64))
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+
+
+def assert_finite(x, name=""):
+    x = f64(x)
+    assert np.all(np.isfinite(x)), f"{name}: {np.sum(~np.isfinite(x))} non-finite values"
+
+
+def rand(rng, shape, dtype=jnp.float32, scale=1.0):
+    """Standard normal values (never zeros or ones) rounded to dtype, as a jax array."""
+    return jnp.asarray((scale * rng.standard_normal(shape)).astype(np.float32)).astype(dtype)
+
+
+def rand_gate(rng, shape, dtype=jnp.float32):
+    """Sigmoid of a normal, like the gates a model passes."""
+    x = 1.0 / (1.0 + np.exp(-rng.standard_normal(shape)))
+    return jnp.asarray(x.astype(np.float32)).astype(dtype)
+
+
+def make_qkv(rng, B, T, HQ, H, Dk, Dv, dtype=jnp.float32):
+    q = rand(rng, (B, T, HQ, Dk), dtype)
+    k = rand(rng, (B, T, H, Dk), dtype)
+    v = rand(rng, (B, T, H, Dv), dtype)
+    return q, k, v
+
+
+def cu_from_lengths(lengths):
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+
+
+def messy_block_indices(rng, B, T, H, S, block_size, cu_seqlens=None):
+    """block_indices mixing valid past blocks, -1, other negatives, out-of-range and duplicates."""
+    _, pos = ref.seq_layout(B, T, cu_seqlens)
+    NB = math.ceil(T / block_size)
+    cur = pos // block_size  # [B, T]
+    base = rng.integers(0, cur[..., None, None] + 1, size=(B, T, H, S))
+    kind = rng.random((B, T, H, S))
+    out = np.where(kind < 0.12, -1, base)
+    out = np.where((kind >= 0.12) & (kind < 0.18), -rng.integers(2, 1000, size=out.shape), out)
+    out = np.where((kind >= 0.18) & (kind < 0.24), NB + rng.integers(0, 5, size=out.shape), out)
+    # Future blocks of the own sequence (b*l > t): contribute nothing either.
+    out = np.where((kind >= 0.24) & (kind < 0.30), cur[..., None, None] + 1, out)
+    # Duplicates: copy entry 0 into entry 1 somewhere.
+    if S >= 2:
+        dup = rng.random((B, T, H)) < 0.3
+        out[..., 1] = np.where(dup, out[..., 0], out[..., 1])
+    return jnp.asarray(out.astype(np.int32))
+
+
+def check_topk(idx, ref_scores, block_counts, tol=TIE_TOL):
+    """Check an implementation's top-k `idx` [B, T, H, S] against reference scores.
+
+    ref_scores [B, T, H, NB]: `reference.ref_topk_scores` (-inf = not a candidate).
+    block_counts: int S, or the [B, T, H] tensor (then S must be ceil(T/l)).
+    Selections are compared as sets; only reference scores within `tol` of each other may be
+    exchanged. Exact ties (the forced blocks all score 1.0) go to the smaller block index.
+    """
+    idx = np.asarray(idx)
+    B, T, H, S = idx.shape
+    NB = ref_scores.shape[-1]
+    if isinstance(block_counts, (int, np.integer)):
+        assert S == block_counts, f"top-k returned S={S}, expected {block_counts}"
+        counts = np.full((B, T, H), S)
+    else:
+        assert S == NB, f"top-k with tensor block_counts returned S={S}, expected ceil(T/l)={NB}"
+        counts = np.clip(np.asarray(block_counts), 0, S)
+    problems = []
+    for b in range(B):
+        for t in range(T):
+            for h in range(H):
+                row = ref_scores[b, t, h]
+                sel = idx[b, t, h]
+                where = f"[b={b}, t={t}, h={h}] got {sel.tolist()}"
+                cands = {int(c) for c in np.flatnonzero(row > -np.inf)}
+                k = min(int(counts[b, t, h]), len(cands))
+                if not (np.all(sel[:k] >= 0) and np.all(sel[k:] == -1)):
+                    problems.append(f"{where}: expected {k} blocks then -1 padding")
+                    continue
+                chosen = [int(c) for c in sel[:k]]
+                if len(set(chosen)) != k:
+                    problems.append(f"{where}: duplicate block")
+                    continue
+                if not set(chosen) <= cands:
+                    problems.append(f"{where}: non-candidate block, candidates {sorted(cands)}")
+                    continue
+                rest = cands - set(chosen)
+                for c in chosen:
+                    for u in rest:
+                        if row[u] > row[c] + tol or (row[u] == row[c] and u < c):
+                            problems.append(f"{where}: {u} (score {row[u]:.9g}) should beat "
+                                            f"{c} (score {row[c]:.9g})")
+                for a, c in zip(chosen, chosen[1:]):
+                    if row[c] > row[a] + tol or (row[c] == row[a] and c < a):
+                        problems.append(f"{where}: order {a} ({row[a]:.9g}) before "
+                                        f"{c} ({row[c]:.9g})")
+    assert not problems, f"{len(problems)} top-k mismatches, first: " + "; ".join(problems[:5])
+
+
+def selection_margin(ref_scores, ref_idx):
+    """Smallest gap between the last selected and the best unselected candidate score.
+
+    When it is above the implementation's rounding, its selection must equal the reference's.
+    """
+    B, T, H, S = ref_idx.shape
+    margin = np.inf
+    for b in range(B):
+        for t in range(T):
+            for h in range(H):
+                row = ref_scores[b, t, h]
+                chosen = [c for c in ref_idx[b, t, h] if c >= 0]
+                rest = [c for c in np.flatnonzero(row > -np.inf) if c not in chosen]
+                if chosen and rest:
+                    margin = min(margin, min(row[chosen]) - max(row[rest]))
+    return margin
+
+
+def ref_grads(fn, diff_args, cotangent, **static):
+    """float64 gradients of sum(fn(**diff_args, **static) * cotangent) w.r.t. diff_args.
+
+    fn is a reference function taking `xp`; diff_args maps names to float64 NumPy arrays.
+    """
+    names = list(diff_args)
+    with jax.enable_x64(True):
+        def loss(*vals):
+            out = fn(**dict(zip(names, vals)), **static, xp=jnp)
+            return jnp.sum(out * jnp.asarray(cotangent, jnp.float64))
+        vals = [jnp.asarray(diff_args[n], jnp.float64) for n in names]
+        grads = jax.grad(loss, argnums=tuple(range(len(names))))(*vals)
+        return {n: np.asarray(g, np.float64) for n, g in zip(names, grads)}
+
+
+def impl_grads(fn, diff_args, cotangent):
+    """Gradients of sum(fn(**diff_args).astype(f32) * cotangent) (implementation side)."""
+    names = list(diff_args)
+
+    def loss(*vals):
+        out = fn(**dict(zip(names, vals)))
+        return jnp.sum(out.astype(jnp.float32) * jnp.asarray(cotangent).astype(jnp.float32))
+
+    grads = jax.grad(loss, argnums=tuple(range(len(names))))(*[diff_args[n] for n in names])
+    return dict(zip(names, grads))
