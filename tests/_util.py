@@ -166,17 +166,21 @@ def selection_margin(ref_scores, ref_idx):
     return margin
 
 
-def ref_grads(fn, diff_args, cotangent, **static):
-    """float64 gradients of sum(fn(**diff_args, **static) * cotangent) w.r.t. diff_args.
+def ref_grads(fn, diff_args, cotangent):
+    """float64 gradients of sum(fn(xp=jnp, **diff_args) * cotangent) w.r.t. diff_args.
 
-    fn is a reference function taking `xp`; diff_args maps names to float64 NumPy arrays.
+    fn: a reference function (bind everything but the differentiated arrays and `xp` with a
+    lambda or functools.partial); it may return a tuple, matched by a tuple of cotangents.
+    diff_args maps names to arrays (fed to the reference as exact float64 copies).
     """
     names = list(diff_args)
+    cots = cotangent if isinstance(cotangent, tuple) else (cotangent,)
     with jax.enable_x64(True):
         def loss(*vals):
-            out = fn(**dict(zip(names, vals)), **static, xp=jnp)
-            return jnp.sum(out * jnp.asarray(cotangent, jnp.float64))
-        vals = [jnp.asarray(diff_args[n], jnp.float64) for n in names]
+            out = fn(xp=jnp, **dict(zip(names, vals)))
+            outs = out if isinstance(out, tuple) else (out,)
+            return sum(jnp.sum(o * jnp.asarray(f64(c))) for o, c in zip(outs, cots))
+        vals = [jnp.asarray(f64(diff_args[n])) for n in names]
         grads = jax.grad(loss, argnums=tuple(range(len(names))))(*vals)
         return {n: np.asarray(g, np.float64) for n, g in zip(names, grads)}
 
@@ -184,10 +188,18 @@ def ref_grads(fn, diff_args, cotangent, **static):
 def impl_grads(fn, diff_args, cotangent):
     """Gradients of sum(fn(**diff_args).astype(f32) * cotangent) (implementation side)."""
     names = list(diff_args)
+    cots = cotangent if isinstance(cotangent, tuple) else (cotangent,)
 
     def loss(*vals):
         out = fn(**dict(zip(names, vals)))
-        return jnp.sum(out.astype(jnp.float32) * jnp.asarray(cotangent).astype(jnp.float32))
+        outs = out if isinstance(out, tuple) else (out,)
+        return sum(jnp.sum(o.astype(jnp.float32) * jnp.asarray(c).astype(jnp.float32))
+                   for o, c in zip(outs, cots))
 
     grads = jax.grad(loss, argnums=tuple(range(len(names))))(*[diff_args[n] for n in names])
     return dict(zip(names, grads))
+
+
+def assert_grads_close(got, want, tol, where=""):
+    for name in want:
+        assert_close(got[name], want[name], tol, f"{where} d{name}")
