@@ -64,14 +64,21 @@ Contract for kernel writers
 
 Interpreter quirks (Triton 3.x) that kernels must respect
 ---------------------------------------------------------
-- Implicit promotion of a bfloat16 tensor against a Python float literal is wrong: the
-  interpreter stores bf16 as uint16 and multiplies the raw bits (`x * 0.5` on a bf16 `x`
-  gives garbage, where the GPU gives the right bf16 value). Cast loads to float32
-  explicitly (`tl.load(p).to(tl.float32)`) and compute in float32, which ejnsa's kernels
-  do anyway (accumulation is float32). Float scalar *arguments* are unaffected: this
-  bridge passes them as fp32 scalars, like the GPU path.
+- bfloat16. The interpreter stores bf16 as uint16 bits and, left alone, does arithmetic
+  on the bits: `tl.dot` on bf16 operands, `x * 0.5` on a bf16 `x` (implicit promotion
+  against a Python float), bf16 comparisons and int -> bf16 casts give garbage, and
+  fp32 -> bf16 casts truncate where the GPU rounds to nearest even. This bridge repairs
+  dot, casts, elementwise arithmetic and fma during its launches (see `_faithful_bf16`),
+  so bf16 `tl.dot` with a float32 accumulator, the fast path on tensor cores, is checked
+  exactly. Reductions are not repaired: `tl.max`/`tl.min`/`tl.argmax` of a bf16 tensor
+  are wrong for negative values. Rule for kernel writers: cast loads to float32
+  explicitly (`tl.load(p).to(tl.float32)`), do softmax, scaling and reductions in
+  float32, and keep bf16 only for `tl.dot` operands and stores.
+- `tl.dot` ignores `input_precision` in the interpreter: fp32 operands are multiplied in
+  full fp32, while the GPU's default for fp32 dots is TF32 (10-bit mantissa). CPU tests
+  cannot see TF32 error; pass `input_precision="ieee"` where fp32 accuracy matters.
 - The interpreter is a NumPy program: one Python loop iteration per program of the grid.
-  Keep CPU test sizes small. Calls are serialised by a lock, because the interpreter
+  Keep CPU test sizes small. Launches are serialised by a lock, because the interpreter
   patches `triton.language` globally while a kernel runs.
 - An unmasked out-of-bounds load or store reads or writes raw host memory, exactly as on
   the GPU; it may crash the process instead of raising.
@@ -237,7 +244,9 @@ def require_triton(what: str) -> None:
     """
     if triton_runnable():
         return
-    raise RuntimeError(f"{what} needs Triton, which cannot run here: {_why_not_runnable()}. {_HOW_TO_FIX}")
+    raise RuntimeError(
+        f"{what} needs Triton, which cannot run here: {_why_not_runnable()}. {_HOW_TO_FIX}"
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -245,6 +254,7 @@ def require_triton(what: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
+@functools.cache
 def _kernel_types():
     from triton.runtime.autotuner import Autotuner, Heuristics
     from triton.runtime.jit import JITFunction
@@ -359,7 +369,9 @@ def _normalize_out_shape(out_shape, label: str) -> tuple[tuple[jax.ShapeDtypeStr
             raise TypeError(f"{label}: out_shape[{i}] must be a jax.ShapeDtypeStruct, got {entry!r}")
         shape = tuple(entry.shape)
         if not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
-            raise ValueError(f"{label}: out_shape[{i}] must have a static shape of ints >= 0, got {shape}")
+            raise ValueError(
+                f"{label}: out_shape[{i}] must have a static shape of ints >= 0, got {shape}"
+            )
         dtype = _check_array_dtype(entry.dtype, f"out_shape[{i}]", label)
         if jax.dtypes.canonicalize_dtype(dtype) != dtype:
             # JAX would hand back a narrower buffer than the kernel writes into.
@@ -379,7 +391,9 @@ def _resolve_grid(grid, meta: Mapping[str, Any], label: str) -> tuple[int, int, 
     try:
         grid = tuple(grid)
     except TypeError:
-        raise TypeError(f"{label}: grid must be a tuple of up to 3 ints (or a callable returning one), got {grid!r}") from None
+        raise TypeError(
+            f"{label}: grid must be a tuple of up to 3 ints (or a callable returning one), got {grid!r}"
+        ) from None
     if not 1 <= len(grid) <= 3:
         raise ValueError(f"{label}: grid must have 1 to 3 dimensions, got {grid}")
     for axis, extent in enumerate(grid):
@@ -400,7 +414,9 @@ def _check_launch_options(num_warps, num_stages, label: str) -> None:
         or num_warps & (num_warps - 1)
     ):
         raise ValueError(f"{label}: num_warps must be a power of two >= 1, got {num_warps!r}")
-    if num_stages is not None and (isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1):
+    if num_stages is not None and (
+        isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1
+    ):
         raise ValueError(f"{label}: num_stages must be an int >= 1, got {num_stages!r}")
 
 
@@ -455,7 +471,9 @@ def triton_call(
       TypeError, ValueError: arguments that the kernel or a launch cannot take.
     """
     if _import_triton() is None:
-        require_triton(f"triton_call({name or 'kernel'})")
+        raise RuntimeError(
+            f"triton_call({name or 'kernel'}) needs Triton, which is not installed. {_HOW_TO_FIX}"
+        )
     Autotuner, Heuristics, JITFunction, InterpretedFunction = _kernel_types()
     base = _base_kernel(kernel)
     label = f"triton_call({name or _kernel_name(base)})"
@@ -467,7 +485,9 @@ def triton_call(
     args = tuple(_normalize_arg(a, i, label) for i, a in enumerate(args))
     clashes = sorted(_JAX_TRITON_OPTIONS.intersection(constexprs))
     if clashes:
-        raise TypeError(f"{label}: constexprs {clashes} share a name with jax_triton options; rename them")
+        raise TypeError(
+            f"{label}: constexprs {clashes} share a name with jax_triton options; rename them"
+        )
 
     autotuned = isinstance(kernel, Autotuner)
     heuristic_names = _heuristic_names(kernel)
@@ -490,21 +510,16 @@ def triton_call(
             f"pick the configuration explicitly"
         )
 
-    if interpreted:
-        meta = dict(constexprs)
-        meta.update(_heuristic_values(kernel, base, args, structs, meta))
-        grid3 = _resolve_grid(grid, meta, label)
-        if 0 in grid3:
-            outs = _poisoned(structs)
-        else:
-            outs = _interpreter_call(base, args, structs, grid3, meta, label)
-    else:
-        # An autotuner's grid may depend on its configs: jax_triton evaluates that one.
-        grid_arg = grid if (autotuned and callable(grid)) else _resolve_grid(grid, constexprs, label)
-        if not callable(grid_arg) and 0 in grid_arg:
-            outs = _poisoned(structs)
-        else:
-            outs = _gpu_call(kernel, args, structs, grid_arg, num_warps, num_stages, name, constexprs)
+    # The grid callable sees the constexprs plus what heuristics compute, as in jax_triton.
+    # An autotuner's grid may depend on its configs: jax_triton evaluates that one itself.
+    meta = {**constexprs, **_heuristic_values(kernel, base, args, structs, constexprs)}
+    grid3 = grid if (autotuned and callable(grid)) else _resolve_grid(grid, meta, label)
+    if not callable(grid3) and 0 in grid3:
+        outs = _poisoned(structs)
+    elif interpreted:
+        outs = _interpreter_call(base, args, structs, grid3, meta, label)
+    else:  # jax_triton evaluates the heuristics again itself: pass only the caller's constexprs
+        outs = _gpu_call(kernel, args, structs, grid3, num_warps, num_stages, name, constexprs)
     return outs[0] if single else tuple(outs)
 
 
@@ -675,10 +690,10 @@ def _faithful_bf16():
         return _bf16_bits_to_f32(handle.data) if is_bf16(handle) else handle.data
 
     def back(values: np.ndarray, dtype):
-        """A result as the interpreter stores `dtype`: floats as bf16 bits, bools as they are."""
+        """A result as the interpreter stores it: floats as bf16 bits, comparisons as int1."""
         if np.issubdtype(values.dtype, np.floating):
             return TensorHandle(_f32_to_bf16_bits(values), dtype)
-        return TensorHandle(values, dtype)
+        return TensorHandle(values, tl.int1 if values.dtype == np.bool_ else dtype)
 
     def cast_impl(src, dst_type):
         dst = getattr(dst_type, "scalar", dst_type)
@@ -707,8 +722,8 @@ def _faithful_bf16():
     def create_fma(x, y, z):
         if not any(map(is_bf16, (x, y, z))):
             return original["create_fma"](x, y, z)
-        exact = np.add(np.multiply(as_f32(x), as_f32(y), dtype=np.float64), as_f32(z), dtype=np.float64)
-        return back(exact.astype(np.float32), z.dtype.scalar)
+        product = np.multiply(as_f32(x), as_f32(y), dtype=np.float64)  # exact
+        return back(np.add(product, as_f32(z), dtype=np.float64).astype(np.float32), z.dtype.scalar)
 
     def create_dot(a, b, d, *rest):
         # bf16 products are exact in float32, which tensor cores accumulate in.
@@ -761,13 +776,14 @@ def _run_interpreter(base, template, host_arrays, structs, grid, meta, label):
     outputs = [np.full(s.shape, _poison_value(s.dtype), dtype=s.dtype) for s in structs]
     launch_args += [_HostPointer(o, _triton_dtype(o.dtype)) for o in outputs]
 
-    fn = base.rewrite() if hasattr(base, "rewrite") else base.fn
-    executor_args = (fn, base.arg_names, grid)
-    if "pre_run_hooks" in inspect.signature(executor_class.__init__).parameters:
-        executor = executor_class(*executor_args, pre_run_hooks=list(getattr(base, "pre_run_hooks", [])))
-    else:
-        executor = executor_class(*executor_args)
     with _interpreter_lock, _faithful_bf16():
+        fn = base.rewrite() if hasattr(base, "rewrite") else base.fn
+        executor_args = (fn, base.arg_names, grid)
+        if "pre_run_hooks" in inspect.signature(executor_class.__init__).parameters:
+            hooks = list(getattr(base, "pre_run_hooks", []))
+            executor = executor_class(*executor_args, pre_run_hooks=hooks)
+        else:
+            executor = executor_class(*executor_args)
         try:
             executor(*launch_args, **meta)
         except Exception as e:
@@ -788,7 +804,9 @@ _ARRAY = object()  # marks where a host array goes in the launch template
 def _interpreter_call(base, args, structs, grid, meta, label) -> tuple[jax.Array, ...]:
     arrays = [a for a in args if _is_array(a)]
     template = tuple(_ARRAY if _is_array(a) else a for a in args)
-    host = functools.partial(_run_interpreter, base, template, structs=structs, grid=grid, meta=meta, label=label)
+    host = functools.partial(
+        _run_interpreter, base, template, structs=structs, grid=grid, meta=meta, label=label
+    )
 
     @jax.custom_batching.custom_vmap
     def launch(*device_arrays):
