@@ -70,8 +70,8 @@ Interpreter quirks (Triton 3.x) that kernels must respect
   fp32 -> bf16 casts truncate where the GPU rounds to nearest even. This bridge repairs
   dot, casts, elementwise arithmetic and fma during its launches (see `_faithful_bf16`),
   so bf16 `tl.dot` with a float32 accumulator, the fast path on tensor cores, is checked
-  exactly. Reductions are not repaired: `tl.max`/`tl.min`/`tl.argmax` of a bf16 tensor
-  are wrong for negative values. Rule for kernel writers: cast loads to float32
+  exactly; `tl.sum` and `tl.argmax`/`tl.argmin` of bf16 are repaired too, scans
+  (`tl.cumsum`) are not. Rule for kernel writers: cast loads to float32
   explicitly (`tl.load(p).to(tl.float32)`), do softmax, scaling and reductions in
   float32, and keep bf16 only for `tl.dot` operands and stores.
 - `tl.dot` ignores `input_precision` in the interpreter: fp32 operands are multiplied in
@@ -91,7 +91,7 @@ import functools
 import inspect
 import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -666,10 +666,11 @@ def _faithful_bf16():
     give garbage, and fp32 -> bf16 casts truncate where the GPU rounds to nearest even.
     Fast kernels feed bf16 straight to `tl.dot` (tensor cores), so without this the CPU
     could not check the kernels the GPU runs. For the launch only (under the interpreter
-    lock), the builder's dot, cast, elementwise and fma methods are wrapped to decode bf16
-    to float32, compute, and round results back to bf16 (nearest even). Reductions
-    (`tl.max`, `tl.min`, `tl.argmax` on bf16) are not fixed; `tl.sum` upcasts by itself.
-    On a Triton whose interpreter lacks these methods the launch runs unpatched.
+    lock), the builder's dot, cast, elementwise and fma methods, and the `tl.sum` and
+    argmin/argmax reductions, are wrapped to decode bf16 to float32, compute, and round
+    results back to bf16 (nearest even). (`tl.max`/`tl.min` upcast bf16 themselves.)
+    Scans (`tl.cumsum`) are not repaired. On a Triton whose interpreter lacks these
+    methods the launch runs unpatched.
     """
     from triton.runtime import interpreter
 
@@ -677,11 +678,16 @@ def _faithful_bf16():
 
     builder = getattr(interpreter, "interpreter_builder", None)
     TensorHandle = getattr(interpreter, "TensorHandle", None)
+    ReduceOps = getattr(interpreter, "ReduceOps", None)
     names = ("cast_impl", "binary_op", "unary_op", "ternary_op", "create_fma", "create_dot")
-    if builder is None or TensorHandle is None or not all(hasattr(builder, n) for n in names):
+    reduce_names = ("sum", "min_max")
+    if (builder is None or TensorHandle is None or ReduceOps is None
+            or not all(hasattr(builder, n) for n in names)
+            or not all(hasattr(ReduceOps, n) for n in reduce_names)):
         yield
         return
     original = {n: getattr(builder, n) for n in names}
+    original_reduce = {n: ReduceOps.__dict__[n] for n in reduce_names}
 
     def is_bf16(handle) -> bool:
         return getattr(handle.dtype, "scalar", handle.dtype) == tl.bfloat16
@@ -733,6 +739,30 @@ def _faithful_bf16():
         result = original["create_dot"](*f32, *rest)
         return back(result.data, tl.bfloat16) if is_bf16(d) else result
 
+    def retyped(x, element_ty, data):
+        """`x` (a tl.tensor) with another element type and the data stored for it."""
+        shape = list(x.shape)
+        ty = tl.block_type(element_ty, shape) if shape else element_ty
+        return tl.core.tensor(TensorHandle(data, element_ty), ty)
+
+    def reduce_sum(self, input):
+        if not is_bf16(input.handle):
+            return original_reduce["sum"](self, input)
+        total = original_reduce["sum"](self, retyped(input, tl.float32, as_f32(input.handle)))
+        return retyped(total, tl.bfloat16, _f32_to_bf16_bits(total.handle.data))
+
+    def min_max(self, input, val_reduce_op, idx_reduce_op=None):
+        x = input[0] if isinstance(input, tuple) else input
+        if not is_bf16(x.handle):
+            return original_reduce["min_max"](self, input, val_reduce_op, idx_reduce_op)
+        x32 = retyped(x, tl.float32, as_f32(x.handle))
+        ret = original_reduce["min_max"](self, x32, val_reduce_op, idx_reduce_op)
+        if not val_reduce_op:
+            return ret  # indices only
+        val = ret[0] if idx_reduce_op else ret
+        val = retyped(val, tl.bfloat16, _f32_to_bf16_bits(val.handle.data))
+        return (val, ret[1]) if idx_reduce_op else val
+
     replacements = {
         "cast_impl": cast_impl, "binary_op": binary_op, "unary_op": unary_op,
         "ternary_op": ternary_op, "create_fma": create_fma, "create_dot": create_dot,
@@ -742,6 +772,7 @@ def _faithful_bf16():
     try:
         for n, fn in replacements.items():
             setattr(builder, n, fn)
+        ReduceOps.sum, ReduceOps.min_max = reduce_sum, min_max
         yield
     finally:
         for n, value in saved.items():
@@ -749,6 +780,8 @@ def _faithful_bf16():
                 builder.__dict__.pop(n, None)
             else:
                 setattr(builder, n, value)
+        for n, value in original_reduce.items():
+            setattr(ReduceOps, n, value)
 
 
 def _bytes_of(array: np.ndarray) -> np.ndarray:
