@@ -55,7 +55,11 @@ def compile_for_hopper(kernel, signature: dict, constexprs: dict, num_warps: int
     missing = [n for n, t in sig.items() if t is None]
     if missing:
         raise ValueError(f"signature lacks types for {missing}")
-    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    # jax_triton declares every array argument 16-byte aligned (tt.divisibility 16);
+    # without the same hint Triton cannot use async copies and pipelines no loads, and
+    # the report (shared memory above all) would not be what the GPU sees.
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if str(sig[n]).startswith("*")}
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=aligned)
     ck = triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = ck.asm["ptx"]
     usage = _resource_usage(ck.asm["cubin"])
