@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+import triton.runtime.interpreter  # noqa: E402  (not imported by triton itself off the interpreter)
 
 from ejnsa.triton import _call  # noqa: E402
 from ejnsa.triton._call import (  # noqa: E402
