@@ -40,11 +40,13 @@ def nsa_compression(query, k_cmp, v_cmp, block_size, softmax_scale, cu_seqlens):
     """(o_cmp [B, T, HQ, Dv] in query's dtype, lse_cmp [B, T, HQ] float32)."""
     batch, seq_len, hq, _ = query.shape
     info = token_info(cu_seqlens, seq_len, block_size)
+    # float32 before the chunk loop, so that k_cmp/v_cmp cotangents accumulate in float32.
+    k32, v32 = k_cmp.astype(jnp.float32), v_cmp.astype(jnp.float32)
 
     def body(q, pos, boc):
-        s, vis = compression_scores(q, k_cmp, pos, boc, block_size, softmax_scale)
+        s, vis = compression_scores(q, k32, pos, boc, block_size, softmax_scale)
         p, denom, lse = masked_softmax_stats(s, vis[None, :, None, None, :])
-        o = einsum("bchgj,bjhd->bchgd", p, v_cmp.astype(jnp.float32))
+        o = einsum("bchgj,bjhd->bchgd", p, v32)
         o = normalise(o, denom)
         return o.reshape(batch, q.shape[1], hq, -1), lse.reshape(batch, q.shape[1], hq)
 

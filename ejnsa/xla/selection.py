@@ -40,6 +40,9 @@ def apply_native_sparse_attention(query, key, value, block_indices, block_counts
     if block_counts is None:
         block_counts = jnp.full(block_indices.shape[:3], num_sel, jnp.int32)
     offs = jnp.arange(block_size, dtype=jnp.int32)
+    # Cast before the chunk loop: the gradient of the gather is a scatter-add over every
+    # token that selected a key, and it must accumulate in float32, not in bf16.
+    key32, value32 = key.astype(jnp.float32), value.astype(jnp.float32)
 
     def body(q, idx, cnt, pos, bos):
         c = q.shape[1]
@@ -52,8 +55,8 @@ def apply_native_sparse_attention(query, key, value, block_indices, block_counts
         ok = use[..., None] & (kpos <= pos[None, :, None, None, None])
         tok = jnp.clip(bos[None, :, None, None, None] + kpos, 0, seq_len - 1).reshape(batch, c, h, -1)
         ok = ok.reshape(batch, c, h, -1)
-        kg = gather_tokens(key, tok).astype(jnp.float32)  # [B, C, H, S*l, Dk]
-        vg = gather_tokens(value, tok).astype(jnp.float32)
+        kg = gather_tokens(key32, tok)  # [B, C, H, S*l, Dk]
+        vg = gather_tokens(value32, tok)
         qg = q.astype(jnp.float32).reshape(batch, c, h, hq // h, -1)
         s = einsum("bchgd,bchjd->bchgj", qg, kg) * softmax_scale
         p, denom, _ = masked_softmax_stats(s, ok[:, :, :, None, :])

@@ -28,14 +28,16 @@ def sliding_window_attention(query, key, value, window_size, softmax_scale, cu_s
     # Front padding lets every chunk slice [start - (w - 1), start + chunk) in bounds.
     n_chunks = -(-seq_len // chunk)
     back = n_chunks * chunk - seq_len
-    kp = jnp.pad(key, ((0, 0), (w - 1, back), (0, 0), (0, 0)))
-    vp = jnp.pad(value, ((0, 0), (w - 1, back), (0, 0), (0, 0)))
+    # float32 before the chunk loop, so that the key/value cotangents of all chunks
+    # accumulate in float32.
+    kp = jnp.pad(key.astype(jnp.float32), ((0, 0), (w - 1, back), (0, 0), (0, 0)))
+    vp = jnp.pad(value.astype(jnp.float32), ((0, 0), (w - 1, back), (0, 0), (0, 0)))
 
     def body(q, t, bos):
         c = q.shape[1]
         start = t[0]  # first token of this chunk; the slice begins w - 1 before it
-        kc = lax.dynamic_slice_in_dim(kp, start, span, axis=1).astype(jnp.float32)
-        vc = lax.dynamic_slice_in_dim(vp, start, span, axis=1).astype(jnp.float32)
+        kc = lax.dynamic_slice_in_dim(kp, start, span, axis=1)
+        vc = lax.dynamic_slice_in_dim(vp, start, span, axis=1)
         j = start - (w - 1) + jnp.arange(span, dtype=jnp.int32)  # key token index
         ok = (j[None, :] <= t[:, None]) & (j[None, :] > t[:, None] - w) & (j[None, :] >= bos[:, None])
         qg = q.astype(jnp.float32).reshape(batch, c, h, hq // h, -1)
