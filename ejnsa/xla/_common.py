@@ -1,5 +1,8 @@
 """Pieces shared by the XLA implementations: query chunking and a masked softmax.
 
+Every implementation is wrapped in `jax.jit` (static: the Python ints and floats), so
+that eager calls reuse the compiled loops instead of re-tracing them on every call.
+
 Memory rule of the XLA path: nothing of size [T, T] or [T, HQ, T/l] ever exists. Each
 operation walks the queries in chunks with `lax.map`; the chunk body is wrapped in
 `jax.checkpoint`, so reverse mode stores only each chunk's inputs and recomputes the

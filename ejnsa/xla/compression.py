@@ -8,6 +8,8 @@ blocks live in one packed k_cmp, so token t sees the global rows
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -36,6 +38,7 @@ def compression_scores(q, k_cmp, pos, boc, block_size, softmax_scale):
 
 
 @kernel_registry.register("nsa_compression", Platform.XLA, Backend.ANY)
+@functools.partial(jax.jit, static_argnums=(3, 4))
 def nsa_compression(query, k_cmp, v_cmp, block_size, softmax_scale, cu_seqlens):
     """(o_cmp [B, T, HQ, Dv] in query's dtype, lse_cmp [B, T, HQ] float32)."""
     batch, seq_len, hq, _ = query.shape

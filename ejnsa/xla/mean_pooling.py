@@ -6,6 +6,8 @@ fuses well, and its gradient (a scatter back to the tokens) comes from autodiff.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -14,6 +16,7 @@ from .._varlen import num_compressed_rows, sequence_info
 
 
 @kernel_registry.register("mean_pooling", Platform.XLA, Backend.ANY)
+@functools.partial(jax.jit, static_argnums=(1,))
 def mean_pooling(x: jax.Array, block_size: int, cu_seqlens: jax.Array | None) -> jax.Array:
     """x [B, T, H, D] -> [B, TC, H, D]; TC per `num_compressed_rows`."""
     batch, seq_len = x.shape[:2]

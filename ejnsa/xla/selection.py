@@ -7,6 +7,8 @@ its keys count twice in the softmax, as the spec says.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -28,6 +30,7 @@ def gather_tokens(x: jax.Array, idx: jax.Array) -> jax.Array:
 
 
 @kernel_registry.register("apply_native_sparse_attention", Platform.XLA, Backend.ANY)
+@functools.partial(jax.jit, static_argnums=(5, 6))
 def apply_native_sparse_attention(query, key, value, block_indices, block_counts, block_size, softmax_scale, cu_seqlens):
     """o_slc [B, T, HQ, Dv] in query's dtype.
 

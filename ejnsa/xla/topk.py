@@ -8,6 +8,8 @@ exactly the rule of the spec.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -36,6 +38,7 @@ def block_scores(s, vis, lse, pos, boc, block_size):
 
 
 @kernel_registry.register("nsa_topk", Platform.XLA, Backend.ANY)
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
 def nsa_topk(query, k_cmp, lse, num_selected, block_size, softmax_scale, cu_seqlens):
     """int32 [B, T, H, S] block indices (local to each sequence), -1 padded.
 

@@ -6,6 +6,9 @@ keys are cut with one dynamic slice per chunk and memory stays O(T * (C + w)).
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -17,6 +20,7 @@ CHUNK = 128
 
 
 @kernel_registry.register("sliding_window_attention", Platform.XLA, Backend.ANY)
+@functools.partial(jax.jit, static_argnums=(3, 4))
 def sliding_window_attention(query, key, value, window_size, softmax_scale, cu_seqlens):
     """o_swa [B, T, HQ, Dv] in query's dtype; keys j with t - w < j <= t in t's sequence."""
     batch, seq_len, hq, _ = query.shape
