@@ -15,6 +15,13 @@ shape), at T in {8192, 32768, 65536}:
   compression);
 - the top-k kernel under a few alternative tilings (for choosing the default).
 
+Inputs (`--inputs`): "random" (q, k, v i.i.d. normal, as in GPU.md's anchors: every token's
+query is unrelated to its neighbours', so top-k picks nearly independent blocks per token,
+the worst case for sharing loads across tokens) or "coherent" (queries vary slowly along
+T, q_t = base(t // 64) + 0.1 * noise, as neighbouring tokens' queries do in a trained
+language model, so neighbouring tokens select mostly the same blocks; k and v stay
+random). Every table says which inputs it used.
+
 Every case is guarded: an exception is printed and recorded, and the run goes on. A short
 table comes last; the full results go to JSON ($OUT/bench_nsa.json, or --out FILE).
 
@@ -152,7 +159,7 @@ def run(args) -> dict:
     from ejnsa import Backend, Platform, kernel_registry
     from ejnsa.triton import topk as triton_topk
 
-    res = {"shape": SHAPE, "env": {}, "rows": [], "checks": [], "topk_variants": []}
+    res = {"shape": SHAPE, "inputs": args.inputs, "env": {}, "rows": [], "checks": [], "topk_variants": []}
     env = res["env"]
     env.update(python=sys.version.split()[0], jax=jax.__version__, devices=str(jax.devices()),
                device_kind=jax.devices()[0].device_kind)
@@ -176,7 +183,12 @@ def run(args) -> dict:
     for T in args.T:
         log(f"\n=== T = {T} ===")
         ks = jax.random.split(jax.random.key(T), 8)
-        q = jax.random.normal(ks[0], (B, T, HQ, D), dt)
+        if args.inputs == "coherent":
+            base = jax.random.normal(ks[0], (T // 64 + 1, HQ, D), jnp.float32)
+            noise = jax.random.normal(jax.random.fold_in(ks[0], 1), (B, T, HQ, D), jnp.float32)
+            q = (base[jnp.arange(T) // 64][None] + 0.1 * noise).astype(dt)
+        else:
+            q = jax.random.normal(ks[0], (B, T, HQ, D), dt)
         k = jax.random.normal(ks[1], (B, T, H, D), dt)
         v = jax.random.normal(ks[2], (B, T, H, D), dt)
         g_cmp, g_slc, g_swa = (jax.nn.sigmoid(jax.random.normal(ks[3 + i], (B, T, HQ), jnp.float32)).astype(dt) for i in range(3))
@@ -345,7 +357,7 @@ def run(args) -> dict:
 
 
 def summarize(res) -> str:
-    lines = []
+    lines = [f"inputs: {res.get('inputs', 'random')}"]
     cols = ["pool", "cmp", "topk", "slc", "swa", "gate", "stages_sum", "nsa", "dense", "floor"]
     for m in ("fwd", "fwdbwd"):
         lines.append(f"\n{m} (ms)  " + "".join(f"{c:>11s}" for c in cols) + f"{'x dense':>9s}{'x floor':>9s}")
@@ -404,7 +416,8 @@ def plot(json_path: str, png_path: str) -> None:
     s = res.get("shape", SHAPE)
     device = res.get("env", {}).get("device_kind", "GPU")
     fig.suptitle(f"NSA on {device}, {s.get('dtype')}: B={s.get('B')}, HQ={s.get('HQ')}, H={s.get('H')}, "
-                 f"D={s.get('D')}, l={s.get('block_size')}, S={s.get('S')}, w={s.get('window')}", fontsize=10)
+                 f"D={s.get('D')}, l={s.get('block_size')}, S={s.get('S')}, w={s.get('window')}; "
+                 f"{res.get('inputs', 'random')} inputs", fontsize=10)
     fig.tight_layout()
     fig.savefig(png_path, dpi=130)
     print(f"wrote {png_path}")
@@ -414,6 +427,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--T", type=int, nargs="+", default=[8192, 32768, 65536])
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--inputs", choices=["random", "coherent"], default="random",
+                   help="random q/k/v, or queries coherent along T (see the module docstring)")
     p.add_argument("--out", help="JSON file (default $OUT/bench_nsa.json when $OUT is set)")
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     p.add_argument("--no-variants", action="store_true", help="skip the top-k tiling variants")

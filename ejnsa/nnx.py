@@ -193,8 +193,9 @@ class NativeSparseAttention(nnx.Module):
             )
         if softmax_scale is not None and not softmax_scale > 0:
             raise ValueError(f"softmax_scale must be positive or None, got {softmax_scale}")
-        if not (platform in _PLATFORMS or getattr(platform, "value", object()) in _PLATFORMS):
-            raise ValueError(f"platform must be one of {list(_PLATFORMS)}, got {platform!r}")
+        # ejnsa.Platform members are str, so this accepts them too; ejnsa resolves the rest.
+        if platform is not None and not (isinstance(platform, str) and platform.lower() in _PLATFORMS):
+            raise ValueError(f"platform must be one of {list(_PLATFORMS)} or an ejnsa.Platform, got {platform!r}")
         if sharding is not None and len(sharding) != 2:
             raise ValueError(f"sharding must be (embed_axis, heads_axis) or None, got {sharding!r}")
 
@@ -310,7 +311,19 @@ class NativeSparseAttention(nnx.Module):
                 o = o + gates["swa"][..., None].astype(jnp.float32) * o_swa.astype(jnp.float32)
             o = o.astype(q.dtype)
 
-        return self.o_proj(o.reshape(B, T, self.num_heads * self.v_head_dim))
+        o = o.reshape(B, T, self.num_heads * self.v_head_dim)
+        # Under a mesh with Explicit axes, o's feature dim and o_proj's input dim are both
+        # sharded over heads, a contraction whose partial sums JAX will not reduce on its own.
+        # Let the compiler place that reduction (row-parallel matmul + all-reduce) and give the
+        # output the layout of the input x, which is what a residual connection needs.
+        mesh = jax.sharding.get_abstract_mesh()
+        if not mesh.empty and mesh.are_all_axes_explicit:
+            # The kernel goes in as an argument: auto_axes must see every explicit-sharded array.
+            w = self.o_proj.kernel[...]
+            dt = self.dtype if self.dtype is not None else jnp.result_type(o, w)
+            matmul = lambda a, b: jnp.dot(a.astype(dt), b.astype(dt))  # noqa: E731  (o_proj has no bias)
+            return jax.sharding.auto_axes(matmul, out_sharding=jax.typeof(x).sharding.spec)(o, w)
+        return self.o_proj(o)
 
     def num_params(self) -> int:
         """Parameter count: hidden*(HQ*Dk + H*Dk + H*Dv + HQ*n_branches) + HQ*Dv*hidden."""
