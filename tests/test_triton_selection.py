@@ -257,30 +257,126 @@ def test_tilings_choice_and_both_agree():
     n = 40
     q, k, v, do, rand = q[:, :n], k[:, :n], v[:, :n], do[:, :n], rand[:, :n]
     want = reference(q, k, v, rand, S, l, 0.5, None, do)
-    for variant in ("main", "fallback"):
-        cfg = sel.SelectionConfig.default(Dk, Dv, HQ // H, l, jnp.float32, sel.TileConfig(variant=variant))
-        check(triton_run(q, k, v, rand, None, l, 0.5, None, do, cfg), want, jnp.float32, variant)
+    for layout in ("tokens", "tiles"):
+        for variant in ("main", "fallback"):
+            tile = sel.TileConfig(variant=variant, dkv_layout=layout)
+            cfg = sel.SelectionConfig.default(Dk, Dv, HQ // H, l, jnp.float32, tile)
+            check(triton_run(q, k, v, rand, None, l, 0.5, None, do, cfg), want, jnp.float32, f"{layout} {variant}")
 
 
 def test_segment_split_and_reduce():
-    """Lists cut into segments of 2 tiles: partials written and summed in order by the reducer."""
+    """Lists cut into segments of 2 loop steps: partials written and summed in order by the
+    reducer, in both dk/dv layouts."""
     rng = np.random.default_rng(5)
     B, T, HQ, H, Dk, Dv, l, S = 1, 96, 8, 2, 16, 32, 16, 3
     q, k, v = make_qkv(rng, B, T, HQ, H, Dk, Dv, jnp.float32)
     bi = shared_indices(rng, B, T, H, S, l, run=3)
     do = jnp.asarray(rng.standard_normal((B, T, HQ, Dv)).astype(np.float32))
-    cfg = sel.SelectionConfig.default(Dk, Dv, HQ // H, l, jnp.float32, sel.TileConfig(rows_main=16))
-    small = dataclasses.replace(cfg.main_dkv, min_segment=2, partial_bytes=1 << 30)
-    cfg = dataclasses.replace(cfg, main_dkv=small, fallback_dkv=small)
+    want = reference(q, k, v, bi, S, l, 0.4, None, do)
     bound = B * T * H * S
-    seg = sel._segment_length(bound, l, Dk, Dv, small)
-    assert seg == 2
-    plan = sel._Plan.make(HQ // H, 16)
-    union = sel._tile_union(sel._block_starts(bi, None, l, None), plan.bt)[0]
-    part_num = sel._inverse_index(union, sel._block_rows(B, T, l, None)[0], seg, bound)[3]
-    assert int(jnp.max(part_num)) > 2  # some lists are split, block 0's into many segments
-    check(triton_run(q, k, v, bi, None, l, 0.4, None, do, cfg), reference(q, k, v, bi, S, l, 0.4, None, do),
-          jnp.float32, "segments")
+    rows = sel._block_rows(B, T, l, None)
+    for layout in ("tiles", "tokens"):
+        tile = sel.TileConfig(rows_main=16, dkv_layout=layout)
+        cfg = sel.SelectionConfig.default(Dk, Dv, HQ // H, l, jnp.float32, tile)
+        small = dataclasses.replace(cfg.main_dkv, min_segment=2, partial_bytes=1 << 30)
+        cfg = dataclasses.replace(cfg, main_dkv=small, fallback_dkv=small)
+        if layout == "tiles":
+            seg = sel._segment_length(bound, l, Dk, Dv, small)
+            assert seg == 2
+            plan = sel._Plan.make(HQ // H, 16)
+            union = sel._tile_union(sel._block_starts(bi, None, l, None), plan.bt)[0]
+            part_num = sel._inverse_index(union, rows[0], seg, bound)[3]
+        else:
+            p = sel._Plan.make(HQ // H, small.rows).bt  # tokens per step
+            seg = sel._token_segment(bound, p, l, Dk, Dv, small)
+            assert seg == 2 * p
+            part_num = sel._token_lists(bi, None, l, None, rows[0], seg, small.order)[3]
+        assert int(jnp.max(part_num)) > 2  # some lists are split, block 0's into many segments
+        check(triton_run(q, k, v, bi, None, l, 0.4, None, do, cfg), want, jnp.float32, f"segments {layout}")
+
+
+def test_token_lists_segments():
+    """"tokens" layout index: every valid entry is in the list of its block (tokens ascending,
+    duplicates kept), each list is cut into segments covering it exactly once, multi-segment
+    lists own disjoint partial slots; "longest" puts the longest lists first and "block"
+    orders them by block row, KV heads inside. With batch rows, varlen and counts."""
+    rng = np.random.default_rng(4)
+    cases = [(2, 70, None, None), (1, 59, cu_from_lengths([0, 21, 1, 0, 30, 7]), "counts")]
+    H, S, l, seg = 3, 4, 8, 5
+    for B, T, cu, counts in cases:
+        cu_j = None if cu is None else jnp.asarray(cu)
+        bi = messy_block_indices(rng, B, T, H, S, l, cu)
+        bc = None if counts is None else jnp.asarray(rng.integers(0, S + 1, size=(B, T, H)).astype(np.int32))
+        starts = np.asarray(sel._block_starts(bi, bc, l, cu_j))
+        row_start, row_len = (np.asarray(x) for x in sel._block_rows(B, T, l, cu_j))
+        br = row_start.shape[0]
+        e = H * B * T * S
+        for order in ("longest", "block"):
+            toks, desc, part_off, part_num = (np.asarray(x) for x in sel._token_lists(
+                bi, bc, l, cu_j, jnp.asarray(row_start), seg, order))
+            assert desc.shape[0] == H * br + -(-e // seg)
+            covered, slots, firsts = {}, [], []
+            for lst, lo, hi, out in desc:
+                if lst < 0:
+                    continue
+                assert 0 <= lo <= hi <= lo + seg
+                covered.setdefault(int(lst), []).append((int(lo), int(hi), int(out)))
+                firsts.append(int(lst))
+            n_of = {}
+            for lst in range(H * br):
+                h, rho = divmod(lst, br)
+                segs = covered[lst]  # every list has a program (an empty one writes zeros)
+                got = [int(toks[i]) for lo, hi, _ in segs for i in range(lo, hi)]
+                want = sorted(b * T + t for b in range(B) for t in range(T) for j in range(S)
+                              if row_start[rho] >= 0 and starts[b, t, h, j] == row_start[rho])
+                assert got == want, (order, lst, got, want)
+                n_of[lst] = len(want)
+                outs = [o for _, _, o in segs]
+                if len(segs) == 1:
+                    assert outs == [-1] and part_num[lst] == 0
+                else:
+                    assert outs == list(range(part_off[lst], part_off[lst] + len(segs))) and part_num[lst] == len(segs)
+                    slots += outs
+            assert len(slots) == len(set(slots)) and len(slots) <= -(-2 * e // seg) + 1
+            assert any(n > seg for n in n_of.values())  # the split path was exercised
+            lists = list(dict.fromkeys(firsts))  # each list's segments are consecutive
+            assert sum(len(covered[x]) for x in lists) == len(firsts)
+            if order == "longest":
+                assert [n_of[x] for x in lists] == sorted((n_of[x] for x in lists), reverse=True)
+            else:
+                assert lists == [h * br + rho for rho in range(br) for h in range(H)]
+
+
+def test_dkv_tokens_variants():
+    """The "tokens" layout's options all match the reference: delta in XLA instead of dq,
+    block order with segments of one step, 16-row steps, a forward choosing its tiling per
+    call; the program order changes no bit."""
+    rng = np.random.default_rng(8)
+    B, T, HQ, H, Dk, Dv, l, S = 2, 45, 8, 2, 32, 16, 8, 3
+    q, k, v = make_qkv(rng, B, T, HQ, H, Dk, Dv, jnp.bfloat16)
+    bi = messy_block_indices(rng, B, T, H, S, l)
+    do = jnp.asarray(rng.standard_normal((B, T, HQ, Dv)).astype(np.float32))
+    want = reference(q, k, v, bi, S, l, 0.3, None, do)
+    base = sel.SelectionConfig.default(Dk, Dv, HQ // H, l, jnp.bfloat16)
+    rep = dataclasses.replace
+    cfgs = {
+        "default": base,
+        "xla_delta": rep(base, fuse_delta=False),
+        "block_order": rep(base, main_dkv=rep(base.main_dkv, order="block")),
+        "block_order_short": rep(base, main_dkv=rep(base.main_dkv, order="block", min_segment=1,
+                                                    partial_bytes=1 << 30)),
+        "rows16": rep(base, main_dkv=rep(base.main_dkv, rows=16)),
+        # the forward chooses per call between 32- and 16-row tiles (knee below the main
+        # tiling's rows), and dq follows its choice
+        "fwd_choice": sel.SelectionConfig.default(Dk, Dv, HQ // H, l, jnp.bfloat16,
+                                                  sel.TileConfig(rows_main=32, rows_fallback=16, knee_rows=24)),
+    }
+    got = {}
+    for name, cfg in cfgs.items():
+        got[name] = triton_run(q, k, v, bi, None, l, 0.3, None, do, cfg)
+        check(got[name], want, jnp.bfloat16, name)
+    for x, y, part in zip(got["default"], got["block_order"], ("o", "dq", "dk", "dv")):
+        assert np.array_equal(np.asarray(x), np.asarray(y)), f"block order changed {part}"
 
 
 def test_inverse_index_segments():

@@ -19,12 +19,7 @@ When tokens share little (random selections), a union is up to BT times longer t
 token's list, and the rows of the other tokens are masked work. In the forward and dq, a
 loop step streams one K/V block past resident query rows; it is load bound up to ~128 rows
 on an H100, and a tile's union is never longer than the sum of its sub-tiles' unions, so the
-main tiling never loads more than a smaller one: it is used whatever the pattern. dk/dv is
-the other way round: it streams the *query* rows of every tile that selected a block past
-resident K/V, and big tiles stream the rows of tokens that did not select it. So the
-backward computes a second, small-tile tiling (rows_fallback rows: one token for G >= 16)
-and picks per call, with `lax.cond` on the actual union sizes, the one that streams less
-(`TileConfig`, `_dkv_cost`). All tilings run the same kernels.
+main tiling never loads more than a smaller one: it is used whatever the pattern.
 
 Metadata, built in XLA once per call (`_tile_union`)
 ----------------------------------------------------
@@ -40,22 +35,39 @@ Metadata, built in XLA once per call (`_tile_union`)
 
 Backward
 --------
-delta = rowsum(o * do) in XLA. dq mirrors the forward (tile x union loop, p recomputed from
-the saved lse). dk/dv are KEY-major, with no atomics: the (tile, union slot) pairs of each
-KV head are stable-sorted by block start, so each block of keys has the list of tiles that
-selected it, in tile order. A program owns one block's dk/dv [l, D] and walks its list. A
-block everybody selects (block 0) has a list of T/BT tiles, so lists are cut into segments
-of at most `seg` tiles; segments of a multi-segment list write float32 partials, which the
-reduce kernel sums in segment order (bitwise reproducible). Every dk/dv row is written once
-by the reduce kernel (which copies single-segment rows). `seg` is chosen statically so that
-the partials fit in `DkvConfig.partial_bytes` for ANY selection: the number of partial slots
-is < 2 * pairs / seg and pairs <= B * T * H * S. Segment programs run longest list first.
+dq mirrors the forward (tile x union loop, p recomputed from the saved lse) and, by default
+(`SelectionConfig.fuse_delta`), forms delta = rowsum(o * do) from the o and do rows it holds
+(one read of o instead of an XLA pass over o and do: 1 GB of 2 GB saved at 64K).
+
+dk/dv are KEY-major, with no atomics: a program owns one block's dk/dv [l, D] and streams
+the query rows that selected it past the resident K/V block. Two layouts
+(`TileConfig.dkv_layout`):
+- "tokens" (default): the list of a block holds the *tokens* that selected it, ascending
+  (`_token_lists`: one 1-D stable sort of all H * B * T * S entries by (KV head, block),
+  which XLA hands to CUB on GPUs, and no while loop). A loop step gathers P tokens x GB
+  query heads (M = 64 rows by default, `DkvConfig.rows`), so every row of a step selected
+  the block: the steps number about H * B * T * S / P whatever the pattern (1.04M at 64K,
+  S = 16, P = 4; "tiles" streams 1.26M 64-row (tile, block) pairs for smooth selections
+  and 4.2M 16-row ones for random selections), all with wgmma-sized dots. A token listing a
+  block twice appears twice, which counts its keys twice.
+- "tiles" (the first implementation, kept for comparison): the list holds the (tile, union
+  slot) pairs of the main tiling, or of a second, small-tile tiling (rows_fallback rows: one
+  token for G >= 16) chosen per call with `lax.cond` on the union sizes (`_dkv_cost`); a
+  step streams a whole tile, with the rows of tokens that did not select the block masked.
+A block everybody selects (block 0) has a list of B * T tokens, so lists are cut into
+segments of at most `seg` entries; segments of a multi-segment list write float32 partials,
+which the reduce kernel sums in segment order (bitwise reproducible). Every dk/dv row is
+written once by the reduce kernel (which copies single-segment rows: 256 MB of traffic at
+64K, ~0.1 ms; writing them in place would need input_output_aliases in `_call`). `seg` is
+chosen statically so that the partials fit in `DkvConfig.partial_bytes` for ANY selection:
+the number of partial slots is < 2 * entries / seg, entries <= B * T * H * S. Segment
+programs run longest list first, or in block order (`DkvConfig.order`).
 
 Extra memory at T = 64K, HQ = 64, H = 4, S = 16, l = 64 (bf16, D = 128), all linear in T:
-forward: union + mult of the main tiles (BT = 4) 32 MB. Backward: both tilings' union +
-mult 52 MB, the inverse index (sorted keys + pairs) 32 MB, partials <= 128 MiB
-(`DkvConfig.partial_bytes`), direct dk/dv 128 MB, delta 16 MB: ~0.35 GB, against ~4.3 GB
-for q, k, v, o, do, dq, dk, dv themselves.
+forward: union + mult of the main tiles (BT = 4) 32 MB. Backward ("tokens"): the tiles of
+the forward (shared in fwd+bwd) 32 MB, the token lists (keys + tokens) 32 MB, partials
+<= 128 MiB (`DkvConfig.partial_bytes`), direct dk/dv 128 MB, delta 16 MB: ~0.3 GB, against
+~4.3 GB for q, k, v, o, do, dq, dk, dv themselves.
 """
 
 from __future__ import annotations
@@ -104,8 +116,12 @@ class TileConfig:
     knee_rows: rows up to which a forward / dq loop step costs one K/V block load (the step
       is load bound). The fallback can only win the forward when this is below the main
       tiling's rows (see `_plans`); by default it is not, and the forward has one tiling.
-    dkv_step_rows: fixed cost of one dk/dv loop step, in streamed query rows.
+    dkv_step_rows: fixed cost of one dk/dv loop step, in streamed query rows ("tiles" layout).
     variant: "auto" (cost model), "main" or "fallback" (forced, for tests and benchmarks).
+      With dkv_layout "tokens" it only concerns the forward and dq.
+    dkv_layout: how dk/dv streams the queries of a block ("Backward" in the module docstring):
+      "tokens" packs the tokens that selected the block, `DkvConfig.rows` rows per step;
+      "tiles" streams whole tiles of the main or fallback tiling (the first implementation).
     """
 
     rows_main: int = 64
@@ -113,12 +129,14 @@ class TileConfig:
     knee_rows: int = 128
     dkv_step_rows: int = 32
     variant: str = "auto"
+    dkv_layout: str = "tokens"
 
     @staticmethod
     def default(dk: int = 128, dv: int = 128, dtype=jnp.bfloat16) -> "TileConfig":
         # float32 dots run as three TF32 passes (tf32x3), which triples the registers and
-        # shared memory of the operands: with head dims > 128 only 16-row tiles fit.
-        if _is_f32(dtype) and max(dk, dv) > 128:
+        # shared memory of the operands: from head dims of 128 on, only dq's 16-row tiles
+        # compile without spilling (dq follows the forward's tiling).
+        if _is_f32(dtype) and max(dk, dv) >= 128:
             return TileConfig(rows_main=16)
         return TileConfig()
 
@@ -130,7 +148,8 @@ def _is_f32(dtype) -> bool:
 # Kernel configurations below were checked with tools/hopper_compile.py-style compiles for
 # sm_90 (Triton 3.6): shared memory under 227 KiB everywhere, no register spills for 16-bit
 # inputs (wgmma in every dot with 64 rows on the M side), small spills only for float32 with
-# head dims > 128. See the report in benchmarks/bench_kernels.py --hopper.
+# head dims > 128. See the report in benchmarks/bench_kernels.py --hopper and
+# benchmarks/sweep_selection.py --hopper.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,12 +181,13 @@ class DqConfig:
     num_stages: int
 
     @staticmethod
-    def default(dk: int, dv: int, rows: int, block_size: int, dtype) -> "DqConfig":
+    def default(dk: int, dv: int, rows: int, block_size: int, dtype, fused: bool = False) -> "DqConfig":
+        """fused: for the kernel that also forms delta (its o tile needs registers)."""
         big = max(dk, dv) > 128
         if _is_f32(dtype):
             return DqConfig(min(block_size, 16), 8, 1) if big else DqConfig(min(block_size, 32), 8, 2)
         if big:
-            return DqConfig(min(block_size, 32), 8, 2)
+            return DqConfig(min(block_size, 32), 4 if fused and rows < 64 else 8, 2)
         return DqConfig(min(block_size, 64), 8 if rows >= 64 else 4, 2)
 
 
@@ -175,9 +195,15 @@ class DqConfig:
 class DkvConfig:
     """dk/dv kernel: keys per program (<= l), warps, stages; list splitting.
 
-    min_segment: the shortest segment (tiles) a list is cut into.
+    min_segment: the shortest segment (loop steps) a list is cut into.
     partial_bytes: memory the float32 partials may take; the segment length grows with the
       problem so that they always fit.
+    rows: "tokens" layout: target query rows per loop step (tokens x query heads, like
+      `TileConfig.rows_main`); the "tiles" layout streams the rows of its tiling instead.
+    order: "tokens" layout: the order of the segment programs. "longest": longest list
+      first (load balance); "block": blocks in key order, KV heads inside, a list's segments
+      together (neighbouring blocks share the tokens that select them as their current or
+      previous block, so concurrent programs re-read those queries from L2).
     """
 
     block_keys: int
@@ -185,12 +211,18 @@ class DkvConfig:
     num_stages: int
     min_segment: int = 64
     partial_bytes: int = 128 << 20
+    rows: int = 64
+    order: str = "longest"
 
     @staticmethod
-    def default(dk: int, dv: int, rows: int, block_size: int, dtype) -> "DkvConfig":
+    def default(dk: int, dv: int, rows: int, block_size: int, dtype, layout: str = "tiles") -> "DkvConfig":
         big = max(dk, dv) > 128
         if _is_f32(dtype):
-            return DkvConfig(min(block_size, 16), 8, 1) if big else DkvConfig(min(block_size, 32), 8, 1)
+            if big:
+                return DkvConfig(min(block_size, 16), 8, 1, rows=16)
+            # tf32x3 operands: 64 gathered rows x 32 keys x D = 128 spill; 16 keys do not
+            keys = 16 if layout == "tokens" and max(dk, dv) >= 128 else 32
+            return DkvConfig(min(block_size, keys), 8, 1)
         if big:
             return DkvConfig(min(block_size, 32), 8, 2)
         return DkvConfig(min(block_size, 64), 8, 2)
@@ -204,15 +236,21 @@ class ReduceConfig:
     num_warps: int
 
     @staticmethod
-    def default(dk: int, dv: int, block_size: int) -> "ReduceConfig":
-        return ReduceConfig(min(block_size, 32 if max(dk, dv) <= 128 else 16), 4)
+    def default(dk: int, dv: int, block_size: int, dtype=jnp.bfloat16) -> "ReduceConfig":
+        # float32 rows of 128+ columns spill with 4 warps
+        warps = 8 if _is_f32(dtype) and max(dk, dv) >= 128 else 4
+        return ReduceConfig(min(block_size, 32 if max(dk, dv) <= 128 else 16), warps)
 
 
 @dataclasses.dataclass(frozen=True)
 class SelectionConfig:
     """Every tunable of selected attention; `default` is tuned for Hopper.
 
-    `main_*` configure the kernels of the main tiling, `fallback_*` those of the small one.
+    `main_*` configure the kernels of the main tiling, `fallback_*` those of the small one;
+    the "tokens" dk/dv layout uses `main_dkv` whatever the tiling.
+    fuse_delta: dq computes delta = rowsum(o * do) from the o and do rows it holds and
+      hands it to dk/dv, instead of a separate XLA pass over o and do.
+    `legacy` is the first implementation ("tiles" dk/dv, delta in XLA), kept for comparison.
     """
 
     tile: TileConfig
@@ -223,22 +261,32 @@ class SelectionConfig:
     fallback_dq: DqConfig
     fallback_dkv: DkvConfig
     reduce: ReduceConfig
+    fuse_delta: bool = True
 
     @staticmethod
-    def default(dk: int, dv: int, group: int, block_size: int, dtype, tile: TileConfig | None = None) -> "SelectionConfig":
+    def default(dk: int, dv: int, group: int, block_size: int, dtype, tile: TileConfig | None = None,
+                fuse_delta: bool = True) -> "SelectionConfig":
         tile = tile or TileConfig.default(dk, dv, dtype)
+        layout = _dkv_layout(tile)
         m = _Plan.make(group, tile.rows_main).rows
         f = _Plan.make(group, tile.rows_fallback).rows
         return SelectionConfig(
             tile,
             FwdConfig.default(dk, dv, m, block_size, dtype),
-            DqConfig.default(dk, dv, m, block_size, dtype),
-            DkvConfig.default(dk, dv, m, block_size, dtype),
+            DqConfig.default(dk, dv, m, block_size, dtype, fuse_delta),
+            DkvConfig.default(dk, dv, m, block_size, dtype, layout),
             FwdConfig.default(dk, dv, f, block_size, dtype),
-            DqConfig.default(dk, dv, f, block_size, dtype),
-            DkvConfig.default(dk, dv, f, block_size, dtype),
-            ReduceConfig.default(dk, dv, block_size),
+            DqConfig.default(dk, dv, f, block_size, dtype, fuse_delta),
+            DkvConfig.default(dk, dv, f, block_size, dtype, layout),
+            ReduceConfig.default(dk, dv, block_size, dtype),
+            fuse_delta,
         )
+
+    @staticmethod
+    def legacy(dk: int, dv: int, group: int, block_size: int, dtype) -> "SelectionConfig":
+        """The first implementation: "tiles" dk/dv with its per-call tiling choice, delta in XLA."""
+        tile = dataclasses.replace(TileConfig.default(dk, dv, dtype), dkv_layout="tiles")
+        return SelectionConfig.default(dk, dv, group, block_size, dtype, tile, fuse_delta=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -418,6 +466,81 @@ def _slc_dq_kernel(
 
 
 @triton.jit
+def _slc_dq_fused_kernel(
+    q, k, v, o, do, lse, union, count, mult,  # inputs
+    T, NTT, qk_scale, scale,  # scalars
+    dq, delta,  # outputs
+    H: tl.constexpr, HQ: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    GB: tl.constexpr, NG: tl.constexpr, BT: tl.constexpr, M: tl.constexpr, W: tl.constexpr,
+    BS: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """dq [B*T, HQ, K] and delta = rowsum(o * do) [B*T, HQ] of one tile.
+
+    `_slc_dq_kernel` with delta formed from the o and do rows of the tile (each row belongs
+    to exactly one program, so delta is written once); dk/dv then read it.
+    """
+    NC: tl.constexpr = BS // BC
+    i_tile, i_hg = tl.program_id(0), tl.program_id(1)
+    NT = tl.num_programs(0)
+    i_h, i_g = i_hg // NG, i_hg % NG
+    i_b, t0 = i_tile // NTT, (i_tile % NTT) * BT
+    t_end = tl.minimum(t0 + BT, T)
+    t_hi = i_b * T + t_end - 1
+
+    o_r = tl.arange(0, M)
+    r_tok = o_r // GB
+    r_g = i_g * GB + o_r % GB
+    m_r = (o_r < BT * GB) & (t0 + r_tok < T) & (r_g < G)
+    t_r = i_b * T + t0 + r_tok
+    o_row = r_tok * HQ + r_g
+    row0 = (i_b * T + t0).to(tl.int64) * HQ + i_h * G
+
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    # [M, BK], [M, BV]
+    b_q = tl.load(q + row0 * K + o_row[:, None] * K + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
+    b_do = tl.load(do + row0 * V + o_row[:, None] * V + o_v[None, :], mask=m_r[:, None] & m_v[None, :], other=0.0)
+    b_o = tl.load(o + row0 * V + o_row[:, None] * V + o_v[None, :], mask=m_r[:, None] & m_v[None, :], other=0.0)
+    # [M]
+    b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
+    tl.store(delta + row0 + o_row, b_delta, mask=m_r)
+    # an empty row (lse = -inf) gets +inf so that every p of it is exp2(-inf) = 0
+    b_lse = tl.load(lse + row0 + o_row, mask=m_r, other=float("inf")).to(tl.float32)
+    b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse) * 1.4426950408889634
+
+    i_ht = (i_h * NT + i_tile).to(tl.int64)
+    p_u = union + i_ht * W
+    p_w = mult + i_ht * W * BT
+    n_u = tl.load(count + i_ht)
+    o_c = tl.arange(0, BC)
+
+    b_dq = tl.zeros([M, BK], tl.float32)
+    for i in range(0, n_u * NC):
+        i_u = i // NC
+        i_c = i % NC
+        s = tl.load(p_u + i_u)
+        b_w = tl.load(p_w + i_u * BT + r_tok, mask=m_r, other=0).to(tl.float32)
+        o_j = s + i_c * BC + o_c
+        m_j = o_j <= t_hi
+        p_kv = (s.to(tl.int64) * H + i_h)
+        o_kv = (i_c * BC + o_c) * H
+        b_k = tl.load(k + p_kv * K + o_kv[:, None] * K + o_k[None, :], mask=m_j[:, None] & m_k[None, :], other=0.0)
+        b_v = tl.load(v + p_kv * V + o_kv[:, None] * V + o_v[None, :], mask=m_j[:, None] & m_v[None, :], other=0.0)
+        # [M, BC]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
+        m_s = (o_j[None, :] <= t_r[:, None]) & (b_w[:, None] > 0)
+        b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0) * b_w[:, None]
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+    b_dq = b_dq * scale
+    tl.store(dq + row0 * K + o_row[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty),
+             mask=m_r[:, None] & m_k[None, :])
+
+
+@triton.jit
 def _slc_dkv_kernel(
     q, k, v, do, lse, delta, pairs, mult, desc, row_start, row_len,  # inputs
     T, NTT, NT, BR, PW, qk_scale, scale,  # scalars
@@ -484,6 +607,89 @@ def _slc_dkv_kernel(
             b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * qk_scale
             m_st = m_j[:, None] & (o_j[:, None] <= t_r[None, :]) & ((b_w > 0) & m_r)[None, :]
             b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0) * b_w[None, :]
+            b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)
+            b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
+            b_dst = b_pt * (b_dpt - b_delta[None, :])
+            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+    b_dk = b_dk * scale
+    if out < 0:
+        tl.store(dk_direct + p_kv * K + (o_c * H)[:, None] * K + o_k[None, :], b_dk.to(dk_direct.dtype.element_ty),
+                 mask=m_j[:, None] & m_k[None, :])
+        tl.store(dv_direct + p_kv * V + (o_c * H)[:, None] * V + o_v[None, :], b_dv.to(dv_direct.dtype.element_ty),
+                 mask=m_j[:, None] & m_v[None, :])
+    else:
+        o_p = out.to(tl.int64) * BS
+        tl.store(part_k + (o_p + o_c[:, None]) * K + o_k[None, :], b_dk, mask=m_j[:, None] & m_k[None, :])
+        tl.store(part_v + (o_p + o_c[:, None]) * V + o_v[None, :], b_dv, mask=m_j[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _slc_dkv_tokens_kernel(
+    q, k, v, do, lse, delta, toks, desc, row_start, row_len,  # inputs
+    BR, qk_scale, scale,  # scalars
+    dk_direct, dv_direct, part_k, part_v,  # outputs
+    H: tl.constexpr, HQ: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    GB: tl.constexpr, NG: tl.constexpr, P: tl.constexpr, M: tl.constexpr,
+    BS: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """dk, dv of BC keys of one block from one segment of the tokens that selected it.
+
+    desc[pid] = (list, lo, hi, out): list = h * BR + block row (-1: no work), entries
+    [lo, hi) of `toks` (global tokens, ascending; a token that lists the block twice appears
+    twice), out = partial slot, or -1 to write dk/dv directly. A loop step gathers the rows
+    of P tokens x GB query heads (M rows), so no row of a step is a token that did not
+    select the block.
+    """
+    i_s, i_c = tl.program_id(0), tl.program_id(1)
+    lst = tl.load(desc + i_s * 4)
+    if lst < 0:
+        return
+    lo = tl.load(desc + i_s * 4 + 1)
+    hi = tl.load(desc + i_s * 4 + 2)
+    out = tl.load(desc + i_s * 4 + 3)
+    i_h = lst // BR
+    rho = lst % BR
+    s = tl.load(row_start + rho)
+    nk = tl.load(row_len + rho)
+    if i_c * BC >= nk:
+        return
+    o_c = i_c * BC + tl.arange(0, BC)
+    m_j = o_c < nk
+    o_j = s + o_c  # [BC] global key tokens
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    p_kv = (s.to(tl.int64) * H + i_h)
+    # [BC, BK], [BC, BV]
+    b_k = tl.load(k + p_kv * K + (o_c * H)[:, None] * K + o_k[None, :], mask=m_j[:, None] & m_k[None, :], other=0.0)
+    b_v = tl.load(v + p_kv * V + (o_c * H)[:, None] * V + o_v[None, :], mask=m_j[:, None] & m_v[None, :], other=0.0)
+
+    o_r = tl.arange(0, M)
+    r_tok = o_r // GB
+    r_gl = o_r % GB
+    m_p = o_r < P * GB
+    b_dk = tl.zeros([BC, BK], tl.float32)
+    b_dv = tl.zeros([BC, BV], tl.float32)
+    for i in range(lo, hi, P):
+        m_t = m_p & (i + r_tok < hi)
+        # [M] global token of each row
+        t_r = tl.load(toks + i + r_tok, mask=m_t, other=0)
+        row0 = t_r.to(tl.int64) * HQ + i_h * G
+        for i_g in range(NG):
+            r_g = i_g * GB + r_gl
+            m_r = m_t & (r_g < G)
+            o_row = row0 + r_g
+            # [M, BK], [M, BV], [M]
+            b_q = tl.load(q + o_row[:, None] * K + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
+            b_do = tl.load(do + o_row[:, None] * V + o_v[None, :], mask=m_r[:, None] & m_v[None, :], other=0.0)
+            b_lse = tl.load(lse + o_row, mask=m_r, other=float("inf")).to(tl.float32)
+            b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse) * 1.4426950408889634
+            b_delta = tl.load(delta + o_row, mask=m_r, other=0.0).to(tl.float32)
+            # keys on the M side: [BC, M]
+            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * qk_scale
+            m_st = m_j[:, None] & (o_j[:, None] <= t_r[None, :]) & m_r[None, :]
+            b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)
             b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)
             b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
             b_dst = b_pt * (b_dpt - b_delta[None, :])
@@ -667,6 +873,105 @@ def _inverse_index(union, row_start, seg: int, num_pairs_bound: int):
     return pairs, desc, part_off.astype(jnp.int32), part_num.astype(jnp.int32)
 
 
+def _token_segment(num_entries: int, tokens_per_step: int, block_size: int, dk: int, dv: int, cfg: DkvConfig) -> int:
+    """Entries per segment ("tokens" layout): a whole number of steps, at least
+    cfg.min_segment of them, and long enough that the partials fit in cfg.partial_bytes for
+    ANY selection (partial slots < 2 * entries / segment)."""
+    slot_bytes = block_size * (dk + dv) * 4
+    max_slots = max(1, cfg.partial_bytes // slot_bytes)
+    steps = max(1, cfg.min_segment, cdiv(cdiv(2 * num_entries, max_slots), tokens_per_step))
+    return steps * tokens_per_step
+
+
+def _segments(lo, n, seg: int, nseg_total: int, perm):
+    """Cuts list i ([lo[i], lo[i] + n[i]) of a sorted array) into segments of <= seg and
+    lays them out in the list order `perm`, a list's segments together.
+
+    Returns desc [nseg_total, 4] int32 (list or -1, lo, hi, partial slot or -1), part_off,
+    part_num (a multi-segment list's first partial slot and number of segments, 0 for a
+    list written directly). Built from scatters and scans only: no while loop (searchsorted)
+    and no sort but `perm`'s.
+    """
+    nlists = n.shape[0]
+    nseg = jnp.maximum(1, (n + seg - 1) // seg)
+    multi = nseg > 1
+    part_num = jnp.where(multi, nseg, 0)
+    part_off = jnp.cumsum(part_num) - part_num
+    nseg_p = nseg[perm]
+    end = jnp.cumsum(nseg_p)
+    first = end - nseg_p  # strictly increasing: every list has >= 1 segment
+    s = jnp.arange(nseg_total, dtype=jnp.int32)
+    # kk[s]: position in perm of the list that segment s belongs to
+    kk = lax.cummax(jnp.zeros((nseg_total,), jnp.int32).at[first].set(
+        jnp.arange(nlists, dtype=jnp.int32), mode="drop"), axis=0)
+    lst = perm[kk]
+    j = s - first[kk]
+    seg_lo = lo[lst] + j * seg
+    seg_hi = jnp.minimum(seg_lo + seg, lo[lst] + n[lst])
+    out = jnp.where(multi[lst], part_off[lst] + j, -1)
+    ok = s < end[-1]
+    desc = jnp.stack([jnp.where(ok, lst, -1), seg_lo, seg_hi, out], axis=1).astype(jnp.int32)
+    return desc, part_off.astype(jnp.int32), part_num.astype(jnp.int32)
+
+
+def _token_lists(block_indices, block_counts, block_size: int, cu_seqlens, row_start, seg: int, order: str):
+    """For dk/dv ("tokens" layout): the tokens that selected each block, cut into segments.
+
+    Every valid entry (as in `_block_starts`) gets the list of its block, h * BR + row
+    (rows as in `_block_rows`); ONE stable sort of all H * B * T * S entries by list (a 1-D
+    key-value sort, which XLA hands to CUB's radix sort on GPUs) groups them, tokens
+    ascending within a list because entries are laid out token-major per head.
+
+    Returns
+      toks [E] int32, E = H * B * T * S: the global token (b * T + t) of every entry,
+        grouped by list, invalid entries last;
+      desc [NSEG, 4] int32 (list or -1, lo, hi, partial slot or -1): entries [lo, hi) of
+        toks, NSEG = H * BR + cdiv(E, seg); part_off, part_num [H * BR] (see `_segments`).
+    """
+    batch, seq_len, heads, num_sel = block_indices.shape
+    br = row_start.shape[0]
+    nr = br // batch
+    nlists = heads * br
+    info = token_info(cu_seqlens, seq_len, block_size)
+    idx = block_indices.astype(jnp.int32)
+    cur = (info.pos // block_size)[None, :, None, None]
+    valid = (idx >= 0) & (idx <= cur)
+    if block_counts is not None:
+        valid &= jnp.arange(num_sel, dtype=jnp.int32) < block_counts.astype(jnp.int32)[..., None]
+    b = jnp.arange(batch, dtype=jnp.int32)[:, None, None, None]
+    bidx = jnp.where(valid, idx, 0)  # b * l is formed only for valid b
+    row = b * nr + info.boc[None, :, None, None] + bidx
+    start = b * seq_len + info.bos[None, :, None, None] + bidx * block_size
+    # The row must exist and start at the entry's block (always, unless cu_seqlens is
+    # malformed; then the entry is ignored, as an entry matching no row always was).
+    valid &= (row < br) & (row_start[jnp.minimum(row, br - 1)] == start)
+    h = jnp.arange(heads, dtype=jnp.int32)[None, None, :, None]
+    key = jnp.where(valid, h * br + row, nlists)  # nlists: no list, sorts last
+    tok = jnp.broadcast_to(b * seq_len + jnp.arange(seq_len, dtype=jnp.int32)[None, :, None, None], key.shape)
+    key = key.transpose(2, 0, 1, 3).reshape(-1)
+    tok = tok.transpose(2, 0, 1, 3).reshape(-1)
+    skey, toks = lax.sort((key, tok), num_keys=1, is_stable=True)
+    # [lo, hi) of every list from the places where the key changes (lists with no entry
+    # keep lo = hi = 0).
+    e = skey.shape[0]
+    pos = jnp.arange(e, dtype=jnp.int32)
+    change = skey[1:] != skey[:-1]
+    first = jnp.concatenate([jnp.ones((1,), bool), change])
+    last = jnp.concatenate([change, jnp.ones((1,), bool)])
+    lo = jnp.zeros((nlists,), jnp.int32).at[jnp.where(first, skey, nlists)].set(pos, mode="drop")
+    hi = jnp.zeros((nlists,), jnp.int32).at[jnp.where(last, skey, nlists)].set(pos + 1, mode="drop")
+    n = hi - lo
+    if order == "longest":
+        perm = jnp.argsort(-n, stable=True).astype(jnp.int32)
+    elif order == "block":
+        k = jnp.arange(nlists, dtype=jnp.int32)
+        perm = (k % heads) * br + k // heads
+    else:
+        raise ValueError(f"DkvConfig.order must be 'longest' or 'block', got {order!r}")
+    desc, part_off, part_num = _segments(lo, n, seg, nlists + cdiv(e, seg), perm)
+    return toks, desc, part_off, part_num
+
+
 # ======================================================================================
 # Launchers
 # ======================================================================================
@@ -700,61 +1005,124 @@ def _forward(query, key, value, tiles, plan: _Plan, block_size: int, scale: floa
     return o, lse
 
 
-def _backward_dq(query, key, value, lse, delta, do, tiles, plan: _Plan, block_size: int, scale: float, cfg: DqConfig):
+def _backward_dq(query, key, value, o, do, lse, delta, tiles, plan: _Plan, block_size: int, scale: float,
+                 cfg: DqConfig):
+    """(dq, delta): with delta None, the fused kernel forms delta from o and do."""
     union, count, mult = tiles
     batch, seq_len, hq, heads, group, dk, dv = _dims(query, key, value)
     ntt = cdiv(seq_len, plan.bt)
-    return triton_call(
-        query, key, value, do, lse, delta, union, count, mult,
-        seq_len, ntt, np.float32(scale * LOG2E), np.float32(scale),
-        kernel=_slc_dq_kernel,
-        out_shape=jax.ShapeDtypeStruct(query.shape, query.dtype),
-        grid=(batch * ntt, heads * plan.ng),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, name="slc_dq",
+    common = dict(
+        grid=(batch * ntt, heads * plan.ng), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         H=heads, HQ=hq, G=group, K=dk, V=dv, GB=plan.gb, NG=plan.ng, BT=plan.bt, M=plan.rows, W=union.shape[2],
         BS=block_size, BC=min(cfg.block_keys, block_size), BK=_next_pow2(max(16, dk)), BV=_next_pow2(max(16, dv)),
         PREC=_dot_precision(query.dtype),
     )
+    scalars = (seq_len, ntt, np.float32(scale * LOG2E), np.float32(scale))
+    if delta is None:
+        return triton_call(
+            query, key, value, o, do, lse, union, count, mult, *scalars,
+            kernel=_slc_dq_fused_kernel, name="slc_dq_fused",
+            out_shape=(jax.ShapeDtypeStruct(query.shape, query.dtype),
+                       jax.ShapeDtypeStruct(query.shape[:3], jnp.float32)),
+            **common,
+        )
+    dq = triton_call(
+        query, key, value, do, lse, delta, union, count, mult, *scalars,
+        kernel=_slc_dq_kernel, name="slc_dq",
+        out_shape=jax.ShapeDtypeStruct(query.shape, query.dtype),
+        **common,
+    )
+    return dq, delta
 
 
-def _backward_dkv(query, key, value, lse, delta, do, tiles, rows, plan: _Plan, block_size: int, scale: float,
-                  cfg: DkvConfig, red_cfg: ReduceConfig):
-    union, _, mult = tiles
-    row_start, row_len = rows
-    batch, seq_len, hq, heads, group, dk, dv = _dims(query, key, value)
-    w = union.shape[2]
-    num_sel = w // plan.bt
-    ntt = cdiv(seq_len, plan.bt)
-    nt = batch * ntt
-    bk, bv = _next_pow2(max(16, dk)), _next_pow2(max(16, dv))
+def _dkv_outputs(key, value, nparts: int, block_size: int):
+    dk, dv = key.shape[3], value.shape[3]
+    return (jax.ShapeDtypeStruct(key.shape, key.dtype), jax.ShapeDtypeStruct(value.shape, value.dtype),
+            jax.ShapeDtypeStruct((nparts, block_size, dk), jnp.float32),
+            jax.ShapeDtypeStruct((nparts, block_size, dv), jnp.float32))
+
+
+def _dkv_tiles_meta(union, row_start, plan: _Plan, num_sel: int, batch: int, seq_len: int, block_size: int,
+                    dk: int, dv: int, cfg: DkvConfig):
+    """"tiles" layout: the inverse index (pairs, desc, part_off, part_num) and its segment length."""
+    heads = union.shape[0]
     pairs_bound = batch * seq_len * heads * num_sel
     seg = _segment_length(pairs_bound, block_size, dk, dv, cfg)
-    pairs, desc, part_off, part_num = _inverse_index(union, row_start, seg, pairs_bound)
+    return _inverse_index(union, row_start, seg, pairs_bound), seg
+
+
+def _dkv_tiles_kernel(query, key, value, lse, delta, do, mult, index, rows, plan: _Plan, block_size: int,
+                      scale: float, seg: int, cfg: DkvConfig):
+    pairs, desc, _, _ = index
+    row_start, row_len = rows
+    batch, seq_len, hq, heads, group, dk, dv = _dims(query, key, value)
+    ntt = cdiv(seq_len, plan.bt)
+    nt = batch * ntt
+    w = mult.shape[2]
+    pairs_bound = batch * seq_len * heads * (w // plan.bt)
     br = row_start.shape[0]
-    nparts = cdiv(2 * pairs_bound, seg) + 1
     bc = min(cfg.block_keys, block_size)
-    dk_direct, dv_direct, part_k, part_v = triton_call(
+    return triton_call(
         query, key, value, do, lse, delta, pairs, mult, desc, row_start, row_len,
         seq_len, ntt, nt, br, nt * w, np.float32(scale * LOG2E), np.float32(scale),
         kernel=_slc_dkv_kernel,
-        out_shape=(jax.ShapeDtypeStruct(key.shape, key.dtype), jax.ShapeDtypeStruct(value.shape, value.dtype),
-                   jax.ShapeDtypeStruct((nparts, block_size, dk), jnp.float32),
-                   jax.ShapeDtypeStruct((nparts, block_size, dv), jnp.float32)),
+        out_shape=_dkv_outputs(key, value, cdiv(2 * pairs_bound, seg) + 1, block_size),
         grid=(desc.shape[0], cdiv(block_size, bc)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, name="slc_dkv",
         H=heads, HQ=hq, G=group, K=dk, V=dv, GB=plan.gb, NG=plan.ng, BT=plan.bt, M=plan.rows, W=w,
-        BS=block_size, BC=bc, BK=bk, BV=bv, PREC=_dot_precision(query.dtype),
+        BS=block_size, BC=bc, BK=_next_pow2(max(16, dk)), BV=_next_pow2(max(16, dv)),
+        PREC=_dot_precision(query.dtype),
     )
-    rbc = min(red_cfg.block_keys, block_size)
+
+
+def _dkv_tokens_kernel(query, key, value, lse, delta, do, lists, rows, plan: _Plan, block_size: int, scale: float,
+                       seg: int, cfg: DkvConfig):
+    toks, desc, _, _ = lists
+    row_start, row_len = rows
+    batch, seq_len, hq, heads, group, dk, dv = _dims(query, key, value)
+    br = row_start.shape[0]
+    bc = min(cfg.block_keys, block_size)
+    return triton_call(
+        query, key, value, do, lse, delta, toks, desc, row_start, row_len,
+        br, np.float32(scale * LOG2E), np.float32(scale),
+        kernel=_slc_dkv_tokens_kernel,
+        out_shape=_dkv_outputs(key, value, cdiv(2 * toks.shape[0], seg) + 1, block_size),
+        grid=(desc.shape[0], cdiv(block_size, bc)),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, name="slc_dkv_tokens",
+        H=heads, HQ=hq, G=group, K=dk, V=dv, GB=plan.gb, NG=plan.ng, P=plan.bt, M=plan.rows,
+        BS=block_size, BC=bc, BK=_next_pow2(max(16, dk)), BV=_next_pow2(max(16, dv)),
+        PREC=_dot_precision(query.dtype),
+    )
+
+
+def _reduce(key, value, parts, index, rows, block_size: int, cfg: ReduceConfig):
+    """dk, dv: every row written once, by summing its partials in order or copying it."""
+    dk_direct, dv_direct, part_k, part_v = parts
+    _, _, part_off, part_num = index
+    row_start, row_len = rows
+    heads, dk, dv = key.shape[2], key.shape[3], value.shape[3]
+    br = row_start.shape[0]
+    rbc = min(cfg.block_keys, block_size)
     return triton_call(
         dk_direct, dv_direct, part_k, part_v, row_start, row_len, part_off, part_num,
         br,
         kernel=_slc_reduce_kernel,
         out_shape=(jax.ShapeDtypeStruct(key.shape, key.dtype), jax.ShapeDtypeStruct(value.shape, value.dtype)),
         grid=(heads * br, cdiv(block_size, rbc)),
-        num_warps=red_cfg.num_warps, name="slc_reduce",
-        H=heads, K=dk, V=dv, BS=block_size, BC=rbc, BK=bk, BV=bv,
+        num_warps=cfg.num_warps, name="slc_reduce",
+        H=heads, K=dk, V=dv, BS=block_size, BC=rbc, BK=_next_pow2(max(16, dk)), BV=_next_pow2(max(16, dv)),
     )
+
+
+def _backward_dkv(query, key, value, lse, delta, do, tiles, rows, plan: _Plan, block_size: int, scale: float,
+                  cfg: DkvConfig, red_cfg: ReduceConfig):
+    """"tiles" layout, whole: inverse index, segment programs, reduce."""
+    union, _, mult = tiles
+    batch, seq_len, hq, heads, group, dk, dv = _dims(query, key, value)
+    index, seg = _dkv_tiles_meta(union, rows[0], plan, union.shape[2] // plan.bt, batch, seq_len, block_size,
+                                 dk, dv, cfg)
+    parts = _dkv_tiles_kernel(query, key, value, lse, delta, do, mult, index, rows, plan, block_size, scale, seg, cfg)
+    return _reduce(key, value, parts, index, rows, block_size, red_cfg)
 
 
 # --------------------------------------------------------------------------------------
@@ -765,10 +1133,11 @@ def _backward_dkv(query, key, value, lse, delta, do, tiles, rows, plan: _Plan, b
 # union is never longer than the sum of its sub-tiles' unions. So the main tiling never
 # loads more than the fallback, and the fallback can only win there when steps are compute
 # bound (knee_rows < rows of the main tiling); otherwise it is not even considered.
-# dk/dv streams query rows past a resident K/V block: a step costs a fixed overhead plus
-# its rows, and a large tile streams the rows of tokens that did not select the block.
+# "tiles" dk/dv streams query rows past a resident K/V block: a step costs a fixed overhead
+# plus its rows, and a large tile streams the rows of tokens that did not select the block.
 # With shared selections the main tiling needs few, full steps; with random ones the
 # fallback streams ~BT times fewer rows. That choice is made per call, with lax.cond.
+# ("tokens" dk/dv needs no choice: its steps hold only rows that selected the block.)
 # --------------------------------------------------------------------------------------
 
 
@@ -817,49 +1186,150 @@ def tiling_choices(block_indices, block_counts, block_size: int, cu_seqlens, gro
     return fwd, _dkv_cost(cf, fb, tile) < _dkv_cost(cm, main, tile)
 
 
-def _fwd_impl(query, key, value, block_indices, block_counts, cu_seqlens, block_size, scale, cfg):
+def _dkv_layout(tile: TileConfig) -> str:
+    if tile.dkv_layout not in ("tokens", "tiles"):
+        raise ValueError(f"TileConfig.dkv_layout must be 'tokens' or 'tiles', got {tile.dkv_layout!r}")
+    return tile.dkv_layout
+
+
+def _delta(o, do):
+    return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, T, HQ]
+
+
+# The forward and the backward are written as sequences of stages, each a pure function of
+# arrays run through `run(name, fn, *arrays)`. The custom_vjp runs them inline (`_now`);
+# `forward_stages` / `backward_stages` let a benchmark jit and time every stage alone on
+# its real inputs. Names are unique within a pass and name what the stage depends on.
+
+
+def _now(name, fn, *args):
+    del name
+    return fn(*args)
+
+
+def _fwd_run(run, query, key, value, block_indices, block_counts, cu_seqlens, block_size, scale, cfg):
     group = query.shape[2] // key.shape[2]
     main, fb = _plans(group, cfg.tile)
     forced_fb = cfg.tile.variant == "fallback"
-    starts = _block_starts(block_indices, block_counts, block_size, cu_seqlens)
-    tiles_m = _tile_union(starts, main.bt)
-    fwd_m = functools.partial(_forward, query, key, value, tiles_m, main, block_size, scale,
-                              _kernel_cfgs(cfg, forced_fb)[0])
-    if not _fwd_may_fall_back(main, fb, cfg.tile):
-        o, lse = fwd_m()
+    may_fb = _fwd_may_fall_back(main, fb, cfg.tile)
+    fcfg = _kernel_cfgs(cfg, forced_fb)[0]
+    tile, fb_fwd = cfg.tile, cfg.fallback_fwd
+
+    def meta(bi, bc, cu):
+        starts = _block_starts(bi, bc, block_size, cu)
+        return _tile_union(starts, main.bt), (_tile_union(starts, fb.bt) if may_fb else None)
+
+    tiles_m, tiles_f = run("meta_fwd", meta, block_indices, block_counts, cu_seqlens)
+    if not may_fb:
+        o, lse = run("fwd", lambda q, k, v, tm: _forward(q, k, v, tm, main, block_size, scale, fcfg),
+                     query, key, value, tiles_m)
         return o, lse, None
-    tiles_f = _tile_union(starts, fb.bt)
-    use_fb = _fwd_cost(tiles_f[1], fb, cfg.tile) < _fwd_cost(tiles_m[1], main, cfg.tile)
-    fwd_f = functools.partial(_forward, query, key, value, tiles_f, fb, block_size, scale, cfg.fallback_fwd)
-    o, lse = lax.cond(use_fb, fwd_f, fwd_m)
-    return o, lse, use_fb
+
+    def fwd(q, k, v, tm, tf):
+        use_fb = _fwd_cost(tf[1], fb, tile) < _fwd_cost(tm[1], main, tile)
+        fwd_m = functools.partial(_forward, q, k, v, tm, main, block_size, scale, fcfg)
+        fwd_f = functools.partial(_forward, q, k, v, tf, fb, block_size, scale, fb_fwd)
+        o, lse = lax.cond(use_fb, fwd_f, fwd_m)
+        return o, lse, use_fb
+
+    return run("fwd", fwd, query, key, value, tiles_m, tiles_f)
+
+
+def _bwd_run(run, query, key, value, block_indices, block_counts, cu_seqlens, o, lse, fwd_fb, do, block_size, scale,
+             cfg, dkv_fb=None):
+    """fwd_fb: the forward's tiling choice (a bool array, or None: no choice was made).
+    dkv_fb: "tiles" layout with two tilings only: None chooses per call with lax.cond (one
+    stage then holds index, kernel and reduce); a Python bool forces the choice."""
+    batch, seq_len, hq, heads, group, dk, dv = _dims(query, key, value)
+    num_sel = block_indices.shape[3]
+    main, fb = _plans(group, cfg.tile)
+    forced_fb = cfg.tile.variant == "fallback"
+    _, dq_cfg, dkv_cfg = _kernel_cfgs(cfg, forced_fb)
+    tokens = _dkv_layout(cfg.tile) == "tokens"
+    need_f = fb is not None and (fwd_fb is not None or not tokens)
+    do = do.astype(query.dtype)
+    # Stage closures capture only the static values they use (benchmarks share the
+    # compilations of identical stages between configurations).
+    tile, fb_dq, red = cfg.tile, cfg.fallback_dq, cfg.reduce
+
+    # dq: the forward's tiling (its metadata is the forward's: XLA shares it in fwd+bwd)
+    def meta_tiles(bi, bc, cu):
+        starts = _block_starts(bi, bc, block_size, cu)
+        return _tile_union(starts, main.bt), (_tile_union(starts, fb.bt) if need_f else None)
+
+    tiles_m, tiles_f = run("meta_tiles", meta_tiles, block_indices, block_counts, cu_seqlens)
+    delta = None if cfg.fuse_delta else run("delta", _delta, o, do)
+
+    def dq_fn(q, k, v, o, do, lse, delta, tm, tf, fwd_fb):
+        dq_m = functools.partial(_backward_dq, q, k, v, o, do, lse, delta, tm, main, block_size, scale, dq_cfg)
+        if fwd_fb is None:
+            return dq_m()
+        dq_f = functools.partial(_backward_dq, q, k, v, o, do, lse, delta, tf, fb, block_size, scale, fb_dq)
+        return lax.cond(fwd_fb, dq_f, dq_m)
+
+    dq, delta = run("dq", dq_fn, query, key, value, o, do, lse, delta, tiles_m, tiles_f, fwd_fb)
+
+    if tokens:
+        kcfg = cfg.main_dkv
+        plan = _Plan.make(group, kcfg.rows)
+        num_entries = heads * batch * seq_len * num_sel
+        if num_entries >= 2**31:
+            raise ValueError(f"selected attention's dk/dv index holds H * B * T * S entries in int32; got "
+                             f"{heads} * {batch} * {seq_len} * {num_sel} = {num_entries} >= 2**31")
+        seg = _token_segment(num_entries, plan.bt, block_size, dk, dv, kcfg)
+
+        order = kcfg.order
+
+        def meta_dkv(bi, bc, cu):
+            rows = _block_rows(batch, seq_len, block_size, cu)
+            return _token_lists(bi, bc, block_size, cu, rows[0], seg, order), rows
+
+        index, rows = run("meta_dkv", meta_dkv, block_indices, block_counts, cu_seqlens)
+        parts = run("dkv", lambda q, k, v, lse, delta, do, index, rows: _dkv_tokens_kernel(
+            q, k, v, lse, delta, do, index, rows, plan, block_size, scale, seg, kcfg),
+            query, key, value, lse, delta, do, index, rows)
+    elif fb is not None and dkv_fb is None:
+        main_dkv, fb_dkv = cfg.main_dkv, cfg.fallback_dkv
+
+        def dkv_fn(q, k, v, lse, delta, do, tm, tf, cu):
+            rows = _block_rows(batch, seq_len, block_size, cu)
+            dkv_m = functools.partial(_backward_dkv, q, k, v, lse, delta, do, tm, rows, main, block_size, scale,
+                                      main_dkv, red)
+            dkv_f = functools.partial(_backward_dkv, q, k, v, lse, delta, do, tf, rows, fb, block_size, scale,
+                                      fb_dkv, red)
+            use_fb = _dkv_cost(tf[1], fb, tile) < _dkv_cost(tm[1], main, tile)
+            return lax.cond(use_fb, dkv_f, dkv_m)
+
+        dk, dv = run("dkv_index_reduce[cond]", dkv_fn, query, key, value, lse, delta, do, tiles_m, tiles_f,
+                     cu_seqlens)
+        return dq, dk, dv
+    else:
+        use_f = fb is not None and bool(dkv_fb)
+        plan, tiles = (fb, tiles_f) if use_f else (main, tiles_m)
+        kcfg = cfg.fallback_dkv if use_f else dkv_cfg
+        tag = "[fallback]" if (use_f or forced_fb) else "[main]"
+        seg = _segment_length(batch * seq_len * heads * num_sel, block_size, dk, dv, kcfg)
+
+        def meta_dkv(union, cu):
+            rows = _block_rows(batch, seq_len, block_size, cu)
+            return _dkv_tiles_meta(union, rows[0], plan, num_sel, batch, seq_len, block_size, dk, dv, kcfg)[0], rows
+
+        index, rows = run("meta_dkv" + tag, meta_dkv, tiles[0], cu_seqlens)
+        parts = run("dkv" + tag, lambda q, k, v, lse, delta, do, mult, index, rows: _dkv_tiles_kernel(
+            q, k, v, lse, delta, do, mult, index, rows, plan, block_size, scale, seg, kcfg),
+            query, key, value, lse, delta, do, tiles[2], index, rows)
+    dk, dv = run("reduce", lambda k, v, parts, index, rows: _reduce(k, v, parts, index, rows, block_size, red),
+                 key, value, parts, index, rows)
+    return dq, dk, dv
+
+
+def _fwd_impl(query, key, value, block_indices, block_counts, cu_seqlens, block_size, scale, cfg):
+    return _fwd_run(_now, query, key, value, block_indices, block_counts, cu_seqlens, block_size, scale, cfg)
 
 
 def _bwd_impl(query, key, value, block_indices, block_counts, cu_seqlens, o, lse, fwd_fb, do, block_size, scale, cfg):
-    batch, seq_len, hq, heads, group, dk, dv = _dims(query, key, value)
-    main, fb = _plans(group, cfg.tile)
-    forced_fb = cfg.tile.variant == "fallback"
-    do = do.astype(query.dtype)
-    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, T, HQ]
-    starts = _block_starts(block_indices, block_counts, block_size, cu_seqlens)
-    rows = _block_rows(batch, seq_len, block_size, cu_seqlens)
-    tiles_m = _tile_union(starts, main.bt)
-    _, dq_m, dkv_m = _kernel_cfgs(cfg, forced_fb)
-    dq_main = functools.partial(_backward_dq, query, key, value, lse, delta, do, tiles_m, main, block_size, scale, dq_m)
-    dkv_main = functools.partial(_backward_dkv, query, key, value, lse, delta, do, tiles_m, rows, main, block_size,
-                                 scale, dkv_m, cfg.reduce)
-    if fb is None:
-        return (dq_main(), *dkv_main())
-    tiles_f = _tile_union(starts, fb.bt)
-    dq_fb = functools.partial(_backward_dq, query, key, value, lse, delta, do, tiles_f, fb, block_size, scale,
-                              cfg.fallback_dq)
-    dkv_fb = functools.partial(_backward_dkv, query, key, value, lse, delta, do, tiles_f, rows, fb, block_size,
-                               scale, cfg.fallback_dkv, cfg.reduce)
-    # dq follows the forward's tiling (same cost model); dk/dv makes its own choice.
-    dq = dq_main() if fwd_fb is None else lax.cond(fwd_fb, dq_fb, dq_main)
-    use_fb = _dkv_cost(tiles_f[1], fb, cfg.tile) < _dkv_cost(tiles_m[1], main, cfg.tile)
-    dk, dv = lax.cond(use_fb, dkv_fb, dkv_main)
-    return dq, dk, dv
+    return _bwd_run(_now, query, key, value, block_indices, block_counts, cu_seqlens, o, lse, fwd_fb, do,
+                    block_size, scale, cfg)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
@@ -883,15 +1353,7 @@ def _selected_bwd(block_size, scale, cfg, res, do):
 _selected.defvjp(_selected_fwd, _selected_bwd)
 
 
-def selected_attention(query, key, value, block_indices, block_counts, block_size: int, softmax_scale: float,
-                       cu_seqlens=None, config: SelectionConfig | None = None, return_lse: bool = False):
-    """Selected attention with an explicit configuration (tests, benchmarks).
-
-    query [B, T, HQ, Dk], key [B, T, H, Dk], value [B, T, H, Dv], block_indices [B, T, H, S]
-    int, block_counts None (all S) or int [B, T, H] in [0, S], cu_seqlens None or int32 [N+1].
-    Returns o_slc [B, T, HQ, Dv] in query's dtype (and lse [B, T, HQ] float32, not
-    differentiable, with return_lse).
-    """
+def _normalize(query, key, value, block_indices, block_counts, block_size, cu_seqlens, config):
     batch, seq_len, hq, heads, group, dk, dv = _dims(query, key, value)
     if config is None:
         config = SelectionConfig.default(dk, dv, group, block_size, query.dtype)
@@ -901,11 +1363,54 @@ def selected_attention(query, key, value, block_indices, block_counts, block_siz
         block_counts = block_counts.astype(jnp.int32)
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.astype(jnp.int32)
+    return block_indices, block_counts, cu_seqlens, config
+
+
+def selected_attention(query, key, value, block_indices, block_counts, block_size: int, softmax_scale: float,
+                       cu_seqlens=None, config: SelectionConfig | None = None, return_lse: bool = False):
+    """Selected attention with an explicit configuration (tests, benchmarks).
+
+    query [B, T, HQ, Dk], key [B, T, H, Dk], value [B, T, H, Dv], block_indices [B, T, H, S]
+    int, block_counts None (all S) or int [B, T, H] in [0, S], cu_seqlens None or int32 [N+1].
+    Returns o_slc [B, T, HQ, Dv] in query's dtype (and lse [B, T, HQ] float32, not
+    differentiable, with return_lse).
+    """
+    block_indices, block_counts, cu_seqlens, config = _normalize(
+        query, key, value, block_indices, block_counts, block_size, cu_seqlens, config)
     scale = float(softmax_scale)
     if return_lse:
         o, lse, _ = _fwd_impl(query, key, value, block_indices, block_counts, cu_seqlens, block_size, scale, config)
         return o, lse
     return _selected(query, key, value, block_indices, block_counts, cu_seqlens, block_size, scale, config)
+
+
+def forward_stages(run, query, key, value, block_indices, block_counts, block_size: int, softmax_scale: float,
+                   cu_seqlens=None, config: SelectionConfig | None = None):
+    """The forward, stage by stage, for benchmarks: `run(name, fn, *arrays)` must return
+    `fn(*arrays)` (jitting and timing it as it likes). Returns (o, lse, fwd_choice), the
+    residuals `backward_stages` takes."""
+    block_indices, block_counts, cu_seqlens, config = _normalize(
+        query, key, value, block_indices, block_counts, block_size, cu_seqlens, config)
+    return _fwd_run(run, query, key, value, block_indices, block_counts, cu_seqlens, block_size,
+                    float(softmax_scale), config)
+
+
+def backward_stages(run, query, key, value, block_indices, block_counts, block_size: int, softmax_scale: float,
+                    o, lse, fwd_choice, do, cu_seqlens=None, config: SelectionConfig | None = None):
+    """The backward, stage by stage, for benchmarks (see `forward_stages`); returns (dq, dk, dv).
+
+    The "tiles" layout's per-call dk/dv tiling choice is made here on the host (concrete
+    inputs only) so that its index, kernel and reduce can be timed apart.
+    """
+    block_indices, block_counts, cu_seqlens, config = _normalize(
+        query, key, value, block_indices, block_counts, block_size, cu_seqlens, config)
+    dkv_fb = None
+    if _dkv_layout(config.tile) == "tiles":
+        choice = tiling_choices(block_indices, block_counts, block_size, cu_seqlens,
+                                query.shape[2] // key.shape[2], config.tile)[1]
+        dkv_fb = None if choice is None else bool(choice)
+    return _bwd_run(run, query, key, value, block_indices, block_counts, cu_seqlens, o, lse, fwd_choice, do,
+                    block_size, float(softmax_scale), config, dkv_fb)
 
 
 @kernel_registry.register("apply_native_sparse_attention", Platform.TRITON, Backend.GPU)
