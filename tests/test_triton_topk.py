@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import triton
 
 import ejnsa
 from ejnsa.triton import topk as triton_topk
@@ -81,9 +82,10 @@ def test_topk_matches_reference(case):
 
 
 def test_topk_many_chunks_and_lse_given():
-    """More blocks than one chunk (G=1: BC=32): the running list must merge across
-    chunks; lse from the compression forward (XLA) instead of the kernel's own first pass."""
-    B, T, HQ, H, D, l, S = 1, 600, 1, 1, 16, 16, 6
+    """More blocks than one chunk of the default config: the running lists must merge
+    across chunks; lse from the compression forward (XLA) instead of the kernel's own
+    first pass."""
+    B, T, HQ, H, D, l, S = 1, 1100, 1, 1, 16, 16, 6
     assert triton_topk.TopkConfig.default(D, 1, S, jnp.float32).block_c < math.ceil(T / l)
     q, kc, _ = _inputs(11, B, T, HQ, H, D, l)
     scale = 0.3
@@ -122,6 +124,42 @@ def test_topk_varlen(layout):
     _check(T_FN(q, kc, lse, S, l, scale, cu), q, kc, S, l, scale, cu)
 
 
+# Configurations other than the default: the "qk" scheme (the first kernel; chunks of 32
+# at G=1); "kq" with chunks of one 16-block part (one list per token, no alternating
+# directions) and the skip test; "kq" with 16 tokens and chunks of 128 (8 parts). S=20
+# gives 32-slot lists (parts of 32 blocks, wider than a warp's rows on the GPU).
+CONFIGS = {
+    "qk": lambda D, G, S, dt: triton_topk.TopkConfig.qk(D, G, S, dt),
+    "kq_bc16_skip": lambda D, G, S, dt: triton_topk.TopkConfig(
+        max(4, 16 // triton.next_power_of_2(G)), 16, skip=True, scheme="kq"),
+    "kq_bt16_bc128": lambda D, G, S, dt: triton_topk.TopkConfig(16, 128, scheme="kq"),
+}
+CONFIG_CASES = [
+    (1, 600, 2, 2, 16, 16, 6, None),  # G=1, 38 blocks: several chunks of 16 and of 32
+    (1, 300, 6, 2, 16, 16, 20, None),  # G=3 (padded heads), S=20
+    (1, 0, 4, 2, 16, 16, 3, [0, 1, 200, 0, 45, 17]),  # varlen, G=2
+]
+
+
+@pytest.mark.parametrize("case", CONFIG_CASES, ids=["G1S6", "G3S20", "varlen"])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_topk_configs(name, case):
+    """Other configurations select like the default: exactly, except at near-ties (both
+    are checked against float64); with lse given, and (varlen) computed in the kernel."""
+    B, T, HQ, H, D, l, S, lengths = case
+    if lengths is not None:
+        T = sum(lengths)
+    q, kc, cu = _inputs(sum(case[:7]) + len(name), B, T, HQ, H, D, l, lengths=lengths)
+    scale = D**-0.5
+    cfg = CONFIGS[name](D, HQ // H, S, q.dtype)
+    _, lse = ejnsa.nsa_compression(q, kc, kc, l, scale, cu, platform="xla")
+    got = triton_topk.nsa_topk_fwd(q, kc, lse, S, l, scale, cu, cfg)
+    _check(got, q, kc, S, l, scale, cu, X_FN(q, kc, lse, S, l, scale, cu))
+    assert _check(got, q, kc, S, l, scale, cu, T_FN(q, kc, lse, S, l, scale, cu)) <= max(1, T // 100)
+    if lengths is not None:
+        _check(triton_topk.nsa_topk_fwd(q, kc, None, S, l, scale, cu, cfg), q, kc, S, l, scale, cu)
+
+
 def test_topk_public_api_tensor_counts_jit_and_determinism():
     """ejnsa.nsa_topk(platform="triton") under jit with array block_counts (S = ceil(T/l)
     slots, each token keeping its first counts[t, h]); two runs bitwise identical."""
@@ -152,8 +190,11 @@ def test_topk_ties_prefer_smaller_block():
     in increasing order after the forced blocks."""
     B, T, HQ, H, D, l, S = 1, 160, 2, 1, 16, 16, 5
     rng = np.random.default_rng(1)
-    q = rand(rng, (B, T, HQ, D))
-    kc = jnp.broadcast_to(rand(rng, (B, 1, H, D)), (B, math.ceil(T / l), H, D))
+    # Values on a 1/4 grid: every q.k is exact in float32 whatever the order of its sum, so
+    # the ties are exact in every implementation (the NumPy matmul behind Triton's CPU
+    # interpreter sums different rows of one product in different orders).
+    q = jnp.round(rand(rng, (B, T, HQ, D)) * 4) / 4
+    kc = jnp.broadcast_to(jnp.round(rand(rng, (B, 1, H, D)) * 4) / 4, (B, math.ceil(T / l), H, D))
     got = np.asarray(T_FN(q, kc, None, S, l, 0.25, None))
     want = np.asarray(X_FN(q, kc, None, S, l, 0.25, None))
     np.testing.assert_array_equal(got, want)

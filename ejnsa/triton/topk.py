@@ -1,4 +1,4 @@
-"""Top-k block selection (SPEC step 3) as one Triton kernel.
+"""Top-k block selection (SPEC step 3) as one Triton kernel (two schemes of it).
 
 For token t (position p in its sequence) and KV head h the candidates are exactly the
 local blocks c <= p // l: every c <= p // l - 1 is complete and in the past (visible),
@@ -8,8 +8,8 @@ the compressed softmax probability exp(scale * q.k_cmp[c] - lse); forced blocks
 
 Design (one program per tile of BT tokens of one sequence and one KV head):
   - The tile's BT x G query rows form one [BT * GP, BK] operand loaded once, so each
-    chunk of BC compressed keys feeds a single tl.dot (M = BT * GP >= 16 rows) and is
-    read once for the G heads of all BT tokens.
+    chunk of BC compressed keys feeds a single tl.dot and is read once for the G heads
+    of all BT tokens.
   - lse comes from the compression forward when given; otherwise a first pass over the
     visible blocks computes it with an online max/sum, like the compression kernel.
   - A second pass streams the candidate blocks in chunks of BC: probabilities by exp2,
@@ -19,20 +19,36 @@ Design (one program per tile of BT tokens of one sequence and one KV head):
     the spec: float32 bits of a score >= 0 are monotone as integers (high word), and
     the low word holds 2^31 - 1 - c, so equal scores prefer the smaller block. Every
     candidate key is > 0 and non-candidates are 0, which also encodes the -1 padding.
-  - A running top-SP list per token (sorted descending, [BT, SP] in registers) absorbs
-    each chunk: a bitonic top-k takes the chunk's best SP in ascending order; the
-    element-wise maximum of that and the descending running list is a bitonic sequence
-    holding the SP best of both, and one bitonic merge sorts it again. A chunk none of
-    whose keys beats any token's current SP-th key skips the merge.
-  - Keys and lists stay in registers: with BT * BC <= 2048 keys per program the
-    networks are in-thread exchanges and warp shuffles (Triton's linear layouts), the
-    key loads are cp.async-pipelined (num_stages), and only the skip test crosses warps.
+  - Running top-SP lists absorb each chunk: a bitonic top-k takes the chunk's best SP in
+    the opposite order to the list; the element-wise maximum of the two is a bitonic
+    sequence holding the SP best of both, and one bitonic merge sorts it again. The
+    networks run in registers (in-thread exchanges and warp shuffles).
+
+Two schemes (TopkConfig.scheme), same selection:
+  - "qk" (nsa_topk_fwd_kernel, the first kernel): scores Q @ K_cmp^T with the (token,
+    head) pairs on the dot's rows. A token's heads then lie on 8 lanes of a warp, so the
+    head mean is a cross-lane reduction whose result every one of those 8 lanes holds:
+    each thread keeps 16 keys and runs the networks on them, 8 times the work of the
+    1 key per (token, block) there is. One running list per token.
+  - "kq" (nsa_topk_kq_fwd_kernel, the default where it fits): scores K_cmp @ Q^T with
+    the (token, head) pairs on the dot's columns, ordered so that heads sit on the
+    columns a thread holds in registers and tokens on those spread over lanes: the head
+    mean is a sum inside each thread and the keys are spread over the threads without
+    copies. Blocks are on the dot's rows, 16 per warp, so each (token, 16-block part of
+    the chunk) keeps its own running list and no network crosses warps; the parts' lists
+    are folded into one per token at the end. At G = 16, D = 128, S = 16 the chunk loop
+    issues 5.7 warp-instructions per (token, block) on Hopper against "qk"'s 31.6 (SASS
+    from tools/hopper_compile.py), and each chunk of keys read from L2 serves 8 tokens
+    instead of 4.
+  The head mean of "kq" is an explicit pairwise tree in the order in which "qk"'s tl.sum
+  reduces on Hopper, so both give the same float32 scores (up to G = 16), whatever
+  layouts the compiler picks.
 
 Keys are unique per token (the block index is in them), so the result is exact: the
 same selection and order as sorting the float32 scores, independent of chunking and of
 the launch; reruns are bitwise identical.
 
-Limits: SP = next_power_of_2(S) <= MAX_SLOTS keeps the running list in registers. The
+Limits: SP = next_power_of_2(S) <= MAX_SLOTS keeps the running lists in registers. The
 pipeline asks for S = ceil(T / l) slots when block_counts is an array; above MAX_SLOTS
 the registered function falls back to the XLA implementation (same result, slower).
 """
@@ -62,13 +78,21 @@ LOG2E = math.log2(math.e)
 class TopkConfig:
     """Tiles of the top-k kernel. Model parameters (S, block_size) are never tuned here.
 
-    block_t: tokens per program (BT); the dot has BT * next_power_of_2(G) rows.
-    block_c: compressed blocks per chunk (BC); raised to the slot count SP if smaller.
+    scheme: "kq" (nsa_topk_kq_fwd_kernel: scores as K_cmp @ Q^T, heads summed inside
+      each thread, one running list per token and 16-block part) or "qk" (the first
+      kernel, nsa_topk_fwd_kernel: Q @ K_cmp^T, one running list per token). Both give
+      the same selection; see the kernels' docstrings for why "kq" is cheaper.
+    block_t: tokens per program (BT); the dot has BT * next_power_of_2(G) rows ("qk") or
+      columns ("kq": BT >= 4 and BT * next_power_of_2(G) >= 16).
+    block_c: compressed blocks per chunk (BC); raised to the slot count SP if smaller
+      ("qk"), to the part size max(16, SP) ("kq"; 64 or more for wgmma with 4 warps).
     skip: test each chunk against the running lists and skip the merge when no key of
-      the chunk would enter any of them (one cross-warp reduction per chunk).
-    prefetch: load the next chunk's keys into registers before this chunk's softmax and
-      sort, instead of Triton's cp.async pipelining (num_stages); kept as an alternative
-      to time (it costs registers and disables the pipelining).
+      the chunk would enter any of them (one cross-warp reduction per chunk). On random
+      scores some list almost always gains a key (H100: no gain for "qk"), and "kq"'s
+      lists each see a quarter of the blocks, so "kq"'s default is off.
+    prefetch: ("qk" only) load the next chunk's keys into registers before this chunk's
+      softmax and sort, instead of Triton's cp.async pipelining (num_stages); kept as an
+      alternative to time (it costs registers and disables the pipelining).
     precision: tl.dot input precision for float32 inputs. "tf32x3" (about float32
       accuracy on tensor cores) or "ieee"; plain TF32 would perturb logits by ~1e-3 and
       change selections against the float32 definition.
@@ -81,14 +105,33 @@ class TopkConfig:
     skip: bool = True
     prefetch: bool = False
     precision: str = "tf32x3"
+    scheme: str = "kq"
 
     @staticmethod
     def default(head_dim: int, group: int, num_slots: int, dtype) -> "TopkConfig":
         """Hopper defaults (checked with tools/hopper_compile.py: no spills, wgmma).
 
-        64 dot rows (BT * GP) when possible, 64 blocks per chunk, and at most 2048 int64
-        keys ([BT, BC]) per program, which the bitonic networks keep in registers.
+        "kq" when its running lists fit a warp's 16 rows (SP <= 16) and its dot operands
+        fit shared memory; otherwise "qk" (TopkConfig.qk). "kq" aims at 128 dot columns
+        (BT * GP: each [64, D] chunk of keys read from L2 serves 8 tokens at G = 16), fewer
+        where operands are large (D > 128, float32's tf32x3), with 4 <= BT <= 16 (tokens
+        sit on a column's 2 lane bits; keys and lists per thread grow with BT).
         """
+        gp = triton.next_power_of_2(group)
+        sp = triton.next_power_of_2(num_slots)
+        f32 = jnp.dtype(dtype) == jnp.float32
+        max_cols = (32 if head_dim > 128 else 64) if f32 else (64 if head_dim > 128 else 256)
+        if sp > 16 or 4 * gp > max_cols:
+            return TopkConfig.qk(head_dim, group, num_slots, dtype)
+        block_t = min(16, max(4, min(128, max_cols) // gp))
+        num_warps = 8 if block_t * gp > 128 else 4
+        num_stages = 1 if f32 and head_dim > 128 else 2
+        return TopkConfig(block_t=block_t, block_c=64, num_warps=num_warps, num_stages=num_stages, skip=False, scheme="kq")
+
+    @staticmethod
+    def qk(head_dim: int, group: int, num_slots: int, dtype) -> "TopkConfig":
+        """The "qk" kernel's defaults: 64 dot rows (BT * GP) when possible, 64 blocks per
+        chunk, and at most 2048 int64 keys ([BT, BC]) per program."""
         gp = triton.next_power_of_2(group)
         sp = triton.next_power_of_2(num_slots)
         block_t = max(1, 64 // gp)
@@ -100,7 +143,7 @@ class TopkConfig:
             # tf32x3 keeps split copies of both operands in shared memory: 227 KiB allow
             # one stage of [64, 256] x [256, 32] float32 tiles.
             block_c, num_stages = max(sp, 32), 1
-        return TopkConfig(block_t=block_t, block_c=block_c, num_warps=num_warps, num_stages=num_stages)
+        return TopkConfig(block_t=block_t, block_c=block_c, num_warps=num_warps, num_stages=num_stages, scheme="qk")
 
 
 # --------------------------------------------------------------------------------------
@@ -195,7 +238,6 @@ def nsa_topk_fwd_kernel(
     BS: tl.constexpr,  # block_size l
     BT: tl.constexpr,
     BC: tl.constexpr,
-    NT: tl.constexpr,  # tiles in the grid
     LOG_BT: tl.constexpr,  # log2(BT), log2(BC), log2(SP): the bitonic networks' depths
     LOG_BC: tl.constexpr,
     LOG_SP: tl.constexpr,
@@ -208,7 +250,7 @@ def nsa_topk_fwd_kernel(
     i_tile, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     # Late tiles see the most blocks: launch them first so the tail of the grid is short.
-    i_tile = NT - 1 - i_tile
+    i_tile = tl.num_programs(0) - 1 - i_tile
     if USE_TILES:
         tok0 = tl.load(tiles + i_tile * 4)
         pos0 = tl.load(tiles + i_tile * 4 + 1)
@@ -310,6 +352,241 @@ def nsa_topk_fwd_kernel(
     tl.store(p_o[:, None] + o_s[None, :], b_idx, mask=m_t[:, None] & (o_s < S)[None, :])
 
 
+# --------------------------------------------------------------------------------------
+# The "kq" kernel's networks. Same hypercube view as above; two differences:
+# - the direction of a compare-exchange is a boolean, so that the compare and the
+#   direction combine into one predicate (int64 compare, xor, two selects per element and
+#   layer; the int32 direction of _compare_swap costs two more instructions);
+# - rows of the running lists alternate in direction (row bit 0: even rows descending, odd
+#   rows ascending), so that two neighbouring lists are already a bitonic pair: folding
+#   them at the end is one maximum and one merge per level, no sort.
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _cx(h, flip, N: tl.constexpr, i: tl.constexpr):
+    """One compare-exchange layer along axis i: ascending pairs where flip is 0."""
+    y = tl.sum(h, axis=N - 1 - i, keep_dims=True) - h
+    return tl.where((h > y) != ((flip ^ _bit(N, i)) != 0), y, h)
+
+
+@triton.jit
+def _cx_merge(h, N: tl.constexpr, STAGE: tl.constexpr, ORDER: tl.constexpr):
+    """Sorts every bitonic run of 2^STAGE elements. ORDER 0 up, 1 down; 2: runs with bit
+    STAGE of their index clear up, set down; 3: the reverse of 2."""
+    if ORDER == 2:
+        flip = _bit(N, STAGE)
+    elif ORDER == 3:
+        flip = 1 - _bit(N, STAGE)
+    else:
+        flip = ORDER
+    for i in tl.static_range(STAGE):
+        h = _cx(h, flip, N, STAGE - 1 - i)
+    return h
+
+
+@triton.jit
+def _cx_topk(x, LOG_T: tl.constexpr, LOG_N: tl.constexpr, LOG_K: tl.constexpr, LAST: tl.constexpr):
+    """[2^LOG_T, 2^LOG_N] -> the 2^LOG_K largest of each row, sorted in the direction
+    LAST (an ORDER of _cx_merge: 0 ascending; 2 ascending on even rows and descending on
+    odd ones). The bitonic top-k of _topk_ascending."""
+    N: tl.constexpr = LOG_T + LOG_N
+    h = tl.reshape(x, [2] * N)
+    for i in tl.static_range(1, LOG_K + 1):
+        h = _cx_merge(h, N, i, 2 if i < LOG_N else LAST)
+    for i in tl.static_range(LOG_K + 1, LOG_N + 1):
+        h = tl.max(h, axis=N - i)
+        h = _cx_merge(h, N - i + LOG_K, LOG_K, 2 if i < LOG_N else LAST)
+    return tl.reshape(h, [2**LOG_T, 2**LOG_K])
+
+
+@triton.jit
+def _cx_rows(x, LOG_T: tl.constexpr, LOG_K: tl.constexpr, ORDER: tl.constexpr):
+    """[2^LOG_T, 2^LOG_K] rows that are bitonic -> sorted in the direction ORDER."""
+    h = tl.reshape(x, [2] * (LOG_T + LOG_K))
+    h = _cx_merge(h, LOG_T + LOG_K, LOG_K, ORDER)
+    return tl.reshape(h, [2**LOG_T, 2**LOG_K])
+
+
+@triton.jit
+def _cx_fold(x, LOG_T: tl.constexpr, LOG_P: tl.constexpr, LOG_K: tl.constexpr):
+    """[2^LOG_T, 2^(LOG_P + LOG_K)]: 2^LOG_P lists per row, even ones descending and odd
+    ones ascending -> [2^LOG_T, 2^LOG_K] the best 2^LOG_K of each row, descending.
+
+    The maximum of a descending and an ascending list is a bitonic list holding the best
+    of both; merging it in alternating directions keeps the pattern for the next level.
+    """
+    N: tl.constexpr = LOG_T + LOG_P + LOG_K
+    h = tl.reshape(x, [2] * N)
+    for i in tl.static_range(LOG_P):
+        h = tl.max(h, axis=N - i - LOG_K - 1)
+        h = _cx_merge(h, N - i - 1, LOG_K, 3 if i < LOG_P - 1 else 1)
+    return tl.reshape(h, [2**LOG_T, 2**LOG_K])
+
+
+@triton.jit
+def _head_sum(b_p, BC: tl.constexpr, THI: tl.constexpr, TLO: tl.constexpr, LOG_HHI: tl.constexpr, H0: tl.constexpr):
+    """[BC, BT * GP] -> [BC, BT]: sum over each token's heads as a fixed tree.
+
+    Columns are n = h0 + H0 * (t_lo + TLO * (h_hi + HHI * t_hi)) for token t = t_hi * TLO
+    + t_lo and head h = h_hi * H0 + h0. The tree adds pairs along head bit LOG_GP - 1
+    first, then the lower bits down to bit 0: the order in which the "qk" kernel's
+    tl.sum reduces a token's heads on Hopper (register bit, then lanes from the largest
+    xor offset), so both give the same float32 bits (up to G = 16); and as every step
+    adds two values, the result does not depend on the layout the compiler picks.
+    """
+    h = tl.reshape(b_p, [BC, THI] + [2] * LOG_HHI + [TLO, H0])
+    for _ in tl.static_range(LOG_HHI):
+        h = tl.sum(h, axis=2)
+    h = tl.sum(h, axis=3)  # head bit 0 (a size-1 axis when GP = 1)
+    return tl.reshape(h, [BC, THI * TLO])
+
+
+@triton.jit
+def nsa_topk_kq_fwd_kernel(
+    q,  # [B, T, HQ, K] query
+    k,  # [B, TC, H, K] compressed keys
+    lse,  # [B, T, HQ] float32 log-sum-exp of the compressed softmax (read iff USE_LSE)
+    tiles,  # [NT, 4] int32 (first token, first position, tokens, first compressed row); iff USE_TILES
+    qk_scale,  # fp32 softmax_scale * log2(e)
+    T,  # tokens per batch row
+    TC,  # compressed rows per batch row
+    o,  # [B, T, H, S] int32 block indices (output)
+    H: tl.constexpr,
+    HQ: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,  # next_power_of_2(G)
+    K: tl.constexpr,
+    BK: tl.constexpr,  # next_power_of_2(K)
+    S: tl.constexpr,
+    SP: tl.constexpr,  # next_power_of_2(S): running list length
+    BS: tl.constexpr,  # block_size l
+    BT: tl.constexpr,  # tokens per program
+    BC: tl.constexpr,  # compressed blocks per chunk (dot rows)
+    BP: tl.constexpr,  # blocks per part: each part keeps its own running list
+    THI: tl.constexpr,  # BT = THI * TLO, GP = HHI * H0: the column order of _head_sum
+    TLO: tl.constexpr,
+    H0: tl.constexpr,
+    LOG_HHI: tl.constexpr,
+    LOG_BT: tl.constexpr,
+    LOG_BP: tl.constexpr,
+    LOG_NP: tl.constexpr,  # log2(BC // BP)
+    LOG_SP: tl.constexpr,
+    USE_LSE: tl.constexpr,
+    USE_TILES: tl.constexpr,
+    SKIP: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """The "kq" scheme: scores as K_cmp @ Q^T, so that a token's heads sit in registers.
+
+    Dot rows are the BC blocks of a chunk, columns the BT x GP (token, head) pairs in the
+    order of _head_sum. On Hopper a column's position is held by registers (bits 0, 3, 4,
+    ...) or by the lane (bits 1, 2), so with heads on register bits and tokens on lane
+    bits the head mean is a sum inside each thread, and the [BC, BT] keys are spread over
+    the threads without copies (the "qk" kernel holds each key in the 8 lanes of its heads
+    and runs the sorting networks 8 times over). The rows of a warp are 16 consecutive
+    blocks: the chunk is cut into parts of BP blocks, each with its own running top-SP list
+    per token, so the networks never cross warps; the parts' lists are merged once at the
+    end (top-SP of a union = top-SP of the union of the parts' top-SP).
+    """
+    i_tile, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_tile = tl.num_programs(0) - 1 - i_tile
+    if USE_TILES:
+        tok0 = tl.load(tiles + i_tile * 4)
+        pos0 = tl.load(tiles + i_tile * 4 + 1)
+        n_tok = tl.load(tiles + i_tile * 4 + 2)
+        boc = tl.load(tiles + i_tile * 4 + 3)
+    else:
+        tok0 = i_tile * BT
+        pos0 = tok0
+        n_tok = tl.minimum(T - tok0, BT)
+        boc = i_tile * 0
+
+    N: tl.constexpr = BT * GP
+    NP: tl.constexpr = BC // BP
+    # Column n of the dot: token o_nt, head o_ng (see _head_sum); padded heads are masked.
+    o_n = tl.arange(0, N)
+    o_nt = (o_n // (H0 * TLO * (GP // H0))) * TLO + (o_n // H0) % TLO
+    o_ng = ((o_n // (H0 * TLO)) % (GP // H0)) * H0 + o_n % H0
+    m_n = (o_nt < n_tok) & (o_ng < G)
+    o_nq = (i_b * T + tok0 + o_nt).to(tl.int64) * HQ + i_h * G + o_ng  # [N] row of q / lse
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    # [N, BK]
+    b_q = tl.load(q + o_nq[:, None] * K + o_k[None, :], mask=m_n[:, None] & m_k[None, :], other=0)
+
+    o_t = tl.arange(0, BT)
+    m_t = o_t < n_tok
+    cur_t = (pos0 + o_t) // BS  # [BT] the token's own (forced) block
+    last = pos0 + n_tok - 1
+    n_vis = tl.where(n_tok > 0, (last + 1) // BS, 0)
+    n_cand = tl.where(n_tok > 0, last // BS + 1, 0)
+    p_k0 = k + ((i_b * TC + boc).to(tl.int64) * H + i_h) * K
+
+    if USE_LSE:
+        b_lse = tl.load(lse + o_nq, mask=m_n, other=0).to(tl.float32)
+        b_lse = tl.where((b_lse > float("-inf")) & (b_lse < float("inf")), b_lse, 0.0)
+        b_lse2 = b_lse * 1.4426950408889634
+    else:
+        # The "qk" kernel's first pass on the same rows, same chunks: the same float32 bits.
+        nvis_n = (pos0 + o_nt + 1) // BS  # [N]
+        b_m = tl.full([N], float("-inf"), dtype=tl.float32)
+        b_acc = tl.zeros([N], dtype=tl.float32)
+        for i_c in range(0, n_vis, BC):
+            o_c = i_c + tl.arange(0, BC)
+            b_kt = _load_keys(p_k0, i_c, n_vis, boc, TC, o_k, m_k, H, K, BC)  # [BK, BC]
+            b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale  # [N, BC]
+            b_s = tl.where(o_c[None, :] < nvis_n[:, None], b_s, float("-inf"))
+            b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+            b_ms = tl.where(b_mn > float("-inf"), b_mn, 0.0)
+            b_acc = b_acc * tl.exp2(b_m - b_ms) + tl.sum(tl.exp2(b_s - b_ms[:, None]), 1)
+            b_m = b_mn
+        b_lse2 = tl.where(b_acc > 0, b_m + tl.log2(tl.where(b_acc > 0, b_acc, 1.0)), 0.0)
+
+    b_qt = tl.trans(b_q)  # [BK, N]
+    # Running lists: the SP best keys of each (token, part), sorted descending in even
+    # parts and ascending in odd ones (see _cx_fold); 0 = empty slot.
+    b_run = tl.zeros([BT * NP, SP], dtype=tl.int64)
+    LAST: tl.constexpr = 2 if LOG_NP > 0 else 0  # the chunk's best: even parts up, odd down
+    MERGE: tl.constexpr = 3 if LOG_NP > 0 else 1  # the lists: even parts down, odd up
+    for i_c in range(0, n_cand, BC):
+        o_c = i_c + tl.arange(0, BC)
+        m_c = (o_c < n_vis) & (boc + o_c < TC)
+        # [BC, BK]
+        b_k = tl.load(p_k0 + o_c[:, None].to(tl.int64) * (H * K) + o_k[None, :], mask=m_c[:, None] & m_k[None, :], other=0)
+        # [BC, N]
+        b_s = tl.dot(b_k, b_qt, input_precision=PRECISION) * qk_scale
+        b_p = tl.where(m_n[None, :], tl.exp2(b_s - b_lse2[None, :]), 0.0)
+        # [BC, BT]
+        b_imp = _head_sum(b_p, BC, THI, TLO, LOG_HHI, H0) / G
+        m_forced = (o_c[:, None] == 0) | (o_c[:, None] == cur_t[None, :]) | (o_c[:, None] == cur_t[None, :] - 1)
+        m_cand = (o_c[:, None] <= cur_t[None, :]) & m_t[None, :]
+        b_score = tl.where(m_forced, 1.0, b_imp)
+        b_low = (2147483647 - o_c).to(tl.int64)
+        b_key = tl.where(m_cand, (b_score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | b_low[:, None], 0)
+        # [BT * NP, BP]: token-major, then part
+        b_key = tl.reshape(tl.trans(b_key), [BT * NP, BP])
+        if SKIP:
+            b_thr = tl.min(b_run, 1)  # [BT * NP]
+            n_hit = tl.sum(tl.where(b_key > b_thr[:, None], 1, 0))
+            if n_hit > 0:
+                b_top = _cx_topk(b_key, LOG_BT + LOG_NP, LOG_BP, LOG_SP, LAST)
+                b_run = _cx_rows(tl.maximum(b_run, b_top), LOG_BT + LOG_NP, LOG_SP, MERGE)
+        else:
+            # The chunk's best SP of each part, in the direction opposite to its list: their
+            # maximum is a bitonic list holding the best SP of both.
+            b_top = _cx_topk(b_key, LOG_BT + LOG_NP, LOG_BP, LOG_SP, LAST)  # [BT * NP, SP]
+            b_run = _cx_rows(tl.maximum(b_run, b_top), LOG_BT + LOG_NP, LOG_SP, MERGE)
+
+    # [BT, SP] descending: the best SP of each token's NP lists
+    b_top = _cx_fold(tl.reshape(b_run, [BT, NP * SP]), LOG_BT, LOG_NP, LOG_SP)
+    b_idx = tl.where(b_top > 0, 2147483647 - (b_top & 2147483647).to(tl.int32), -1)
+    o_s = tl.arange(0, SP)
+    p_o = o + ((i_b * T + tok0 + o_t).to(tl.int64) * H + i_h) * S
+    tl.store(p_o[:, None] + o_s[None, :], b_idx, mask=m_t[:, None] & (o_s < S)[None, :])
+
+
 def _log2(n: int) -> int:
     if n < 1 or n & (n - 1):
         raise ValueError(f"expected a power of two, got {n}")
@@ -337,22 +614,71 @@ def _tile_table(cu_seqlens, seq_len: int, block_size: int, block_t: int):
     return table.astype(jnp.int32), num_tiles
 
 
+def kernel_constexprs(config: TopkConfig, h: int, hq: int, dk: int, num_selected: int, block_size: int, use_lse: bool,
+                      use_tiles: bool, dtype):
+    """(kernel, constexprs) of a launch: the launcher's and tools/hopper_compile.py's."""
+    if config.scheme not in ("qk", "kq"):
+        raise ValueError(f"TopkConfig.scheme must be 'qk' or 'kq', got {config.scheme!r}")
+    g = hq // h
+    gp = triton.next_power_of_2(g)
+    sp = triton.next_power_of_2(num_selected)
+    if config.block_t == 1:
+        sp = max(sp, 2)  # [1, 1] lists would be 0-d hypercubes, which the networks cannot take
+    if config.scheme == "kq":
+        block_p = max(16, sp)
+        block_c = max(config.block_c, block_p)
+        if config.block_t * gp < 16 or config.block_t < 4 or config.prefetch:
+            raise ValueError(f"scheme 'kq' needs block_t >= 4, block_t * next_power_of_2(G) >= 16 and no prefetch, got {config}")
+    else:
+        block_c = max(config.block_c, sp)
+    cx = dict(
+        H=h,
+        HQ=hq,
+        G=g,
+        GP=gp,
+        K=dk,
+        BK=max(16, triton.next_power_of_2(dk)),
+        S=num_selected,
+        SP=sp,
+        BS=block_size,
+        BT=config.block_t,
+        BC=block_c,
+        LOG_BT=_log2(config.block_t),
+        LOG_SP=_log2(sp),
+        USE_LSE=use_lse,
+        USE_TILES=use_tiles,
+        SKIP=config.skip,
+        PRECISION=config.precision if jnp.dtype(dtype) == jnp.float32 else "tf32",
+    )
+    if config.scheme == "qk":
+        return nsa_topk_fwd_kernel, dict(cx, LOG_BC=_log2(block_c), PREFETCH=config.prefetch)
+    tlo, h0 = min(config.block_t, 4), min(gp, 2)
+    return nsa_topk_kq_fwd_kernel, dict(
+        cx,
+        BP=block_p,
+        THI=config.block_t // tlo,
+        TLO=tlo,
+        H0=h0,
+        LOG_HHI=_log2(gp // h0),
+        LOG_BP=_log2(block_p),
+        LOG_NP=_log2(block_c // block_p),
+    )
+
+
 def nsa_topk_fwd(query, k_cmp, lse, num_selected, block_size, softmax_scale, cu_seqlens, config=None):
     """int32 [B, T, H, S] block indices via the kernel (no fallback; SP <= MAX_SLOTS)."""
     batch, seq_len, hq, dk = query.shape
     tc, h = k_cmp.shape[1], k_cmp.shape[2]
-    g = hq // h
     if config is None:
-        config = TopkConfig.default(dk, g, num_selected, query.dtype)
-    sp = triton.next_power_of_2(num_selected)
-    block_c = max(config.block_c, sp)
+        config = TopkConfig.default(dk, hq // h, num_selected, query.dtype)
     if cu_seqlens is None:
         tiles = jnp.zeros((1, 4), jnp.int32)  # never read
         num_tiles = cdiv(seq_len, config.block_t)
     else:
         tiles, num_tiles = _tile_table(cu_seqlens, seq_len, block_size, config.block_t)
     use_lse = lse is not None
-    precision = config.precision if query.dtype == jnp.float32 else "tf32"
+    kernel, cx = kernel_constexprs(config, h, hq, dk, num_selected, block_size, use_lse, cu_seqlens is not None,
+                                   query.dtype)
     return triton_call(
         query,
         k_cmp,
@@ -361,32 +687,13 @@ def nsa_topk_fwd(query, k_cmp, lse, num_selected, block_size, softmax_scale, cu_
         np.float32(softmax_scale * LOG2E),
         seq_len,
         tc,
-        kernel=nsa_topk_fwd_kernel,
+        kernel=kernel,
         out_shape=jax.ShapeDtypeStruct((batch, seq_len, h, num_selected), jnp.int32),
         grid=(num_tiles, batch * h),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
-        name="nsa_topk_fwd",
-        H=h,
-        HQ=hq,
-        G=g,
-        GP=triton.next_power_of_2(g),
-        K=dk,
-        BK=max(16, triton.next_power_of_2(dk)),
-        S=num_selected,
-        SP=sp,
-        BS=block_size,
-        BT=config.block_t,
-        BC=block_c,
-        NT=num_tiles,
-        LOG_BT=_log2(config.block_t),
-        LOG_BC=_log2(block_c),
-        LOG_SP=_log2(sp),
-        USE_LSE=use_lse,
-        USE_TILES=cu_seqlens is not None,
-        SKIP=config.skip,
-        PREFETCH=config.prefetch,
-        PRECISION=precision,
+        name="nsa_topk_kq_fwd" if config.scheme == "kq" else "nsa_topk_fwd",
+        **cx,
     )
 
 
