@@ -110,8 +110,15 @@ def variants(dtype, names=None):
         # segments of >= 256 steps (partials may take 512 MiB) instead of >= 1024 at 64K:
         # block 0's lists (every token selects block 0) cut finer, less tail
         "dkv_short_segments": rep(base, main_dkv=rep(dkv, min_segment=16, partial_bytes=512 << 20)),
-        # dq with one warpgroup (M = 64 rows: every wgmma has its full 64 rows)
-        "dq_w4": rep(base, main_dq=rep(base.main_dq, num_warps=4)),
+        # dq with two warpgroups (the default before run 4; now one: M = 64 rows, every
+        # wgmma has its full 64 rows)
+        "dq_w8": rep(base, main_dq=rep(base.main_dq, num_warps=8)),
+        # dk/dv with two warpgroups (the default before run 5): the 64-key dots are laid out
+        # 8 warps along M and their results cross warpgroups through shared memory
+        "dkv_w8": rep(base, main_dkv=rep(dkv, num_warps=8)),
+        # dk/dv with 3 pipeline stages, or 2 tokens x 16 heads per step (no register spill)
+        "dkv_s3": rep(base, main_dkv=rep(dkv, num_stages=3)),
+        "dkv_rows32": rep(base, main_dkv=rep(dkv, rows=32)),
         # 128-row forward / dq tiles (8 tokens): fewer K/V loads when tokens share blocks
         "tiles128": sel.SelectionConfig.default(D, D, G, L, dtype, sel.TileConfig(rows_main=128)),
         # per call (lax.cond in the forward, dq follows): 128-row tiles when
