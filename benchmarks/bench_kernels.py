@@ -5,11 +5,9 @@ On the GPU machine (H100), from the repository root:
     python3 benchmarks/bench_kernels.py                 # timings, T = 8192, 32768, 65536
     python3 benchmarks/bench_kernels.py --check         # correctness vs the XLA path first
     python3 benchmarks/bench_kernels.py --check-only    # correctness only
-    python3 benchmarks/bench_kernels.py --sweep         # + selection configs at the largest T
 
-Without a GPU:
-
-    python3 benchmarks/bench_kernels.py --hopper        # compile every config for sm_90
+Selection configurations are compared stage by stage by benchmarks/sweep_selection.py,
+which also compiles every configuration for sm_90 without a GPU (--hopper).
 
 Shapes: B = 1, HQ = 64, H = 4, D = 128, l = 64, S = 16, w = 512, bf16. The floors are
 `jax.nn.dot_product_attention(..., implementation="cudnn")` with the same FLOPs: a causal
@@ -43,7 +41,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 HQ, H, D, L, S, W = 64, 4, 128, 64, 16, 512
-RESULTS: dict = {"env": {}, "rows": [], "checks": [], "patterns": [], "sweep": [], "hopper": [], "errors": []}
+RESULTS: dict = {"env": {}, "rows": [], "checks": [], "patterns": [], "errors": []}
 
 
 def log(*a):
@@ -293,39 +291,6 @@ def run_timings(Ts, ops, reps):
         write_json()
 
 
-def run_sweep(T, reps):
-    """Selection with other configs at one T (fwd and fwd+bwd), both patterns."""
-    import dataclasses
-
-    import jax
-    import jax.numpy as jnp
-
-    from ejnsa.triton import selection as sel
-
-    q, k, v, _ = make_inputs(T, jnp.bfloat16)
-    pats = [("topk", topk_indices(T, k)[0]), ("random", random_indices(T, H))]
-    G = HQ // H
-    base = sel.SelectionConfig.default(D, D, G, L, jnp.bfloat16)
-    variants = {
-        "default": base,
-        "forced_main": dataclasses.replace(base, tile=dataclasses.replace(base.tile, variant="main")),
-        "forced_fallback": dataclasses.replace(base, tile=dataclasses.replace(base.tile, variant="fallback")),
-        "fwd_dq_w4_s3": dataclasses.replace(base, main_fwd=dataclasses.replace(base.main_fwd, num_stages=3),
-                                            main_dq=dataclasses.replace(base.main_dq, num_warps=4)),
-        "fwd_w8": dataclasses.replace(base, main_fwd=dataclasses.replace(base.main_fwd, num_warps=8)),
-    }
-    rows128 = sel.SelectionConfig.default(D, D, G, L, jnp.bfloat16, sel.TileConfig(rows_main=128))
-    variants["rows128"] = rows128
-    scale = D**-0.5
-    for vname, cfg in variants.items():
-        for pname, idx in pats:
-            name = f"sweep {vname} {pname}"
-            time_op(name, T, lambda q, k, v, idx, cfg=cfg: sel.selected_attention(
-                q, k, v, idx, None, L, scale, None, config=cfg), (q, k, v, idx), reps)
-            RESULTS["sweep"].append(RESULTS["rows"].pop())
-        write_json()
-
-
 # ======================================================================================
 # Correctness against the XLA path
 # ======================================================================================
@@ -418,92 +383,6 @@ def run_checks(check_Ts):
 # ======================================================================================
 
 
-def run_hopper():
-    """Compiles every kernel configuration the defaults produce for sm_90 and reports
-    shared memory, registers, spills (local + stack bytes) and wgmma. Pointer arguments are
-    marked 16-byte aligned, as jax_triton does at launch (without it Triton cannot vectorise
-    loads and the report would not describe the launched kernel)."""
-    os.environ.pop("TRITON_INTERPRET", None)
-    import jax.numpy as jnp
-    import triton
-
-    from ejnsa.triton import selection as sel
-    from tools.hopper_compile import HOPPER, SHARED_LIMIT, _resource_usage, _unwrap
-
-    def compile_one(kernel, signature, constexprs, num_warps, num_stages):
-        fn = _unwrap(kernel)
-        sig = {n: signature.get(n, "constexpr" if n in constexprs else None) for n in fn.arg_names}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if str(sig[n]).startswith("*")}
-        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-        ck = triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
-        u = _resource_usage(ck.asm["cubin"])
-        ptx = ck.asm["ptx"]
-        return {"shared": ck.metadata.shared, "shared_ok": ck.metadata.shared <= SHARED_LIMIT,
-                "registers": u["registers"], "local": u["local"], "stack": u["stack"],
-                "wgmma": "wgmma" in ptx, "cp_async": "cp.async" in ptx}
-
-    def sigs(p):
-        fwd = dict(q=p, k=p, v=p, union="*i32", count="*i32", mult="*i8", T="i32", NTT="i32", qk_scale="fp32",
-                   o=p, lse="*fp32")
-        dq = dict(q=p, k=p, v=p, do=p, lse="*fp32", delta="*fp32", union="*i32", count="*i32", mult="*i8",
-                  T="i32", NTT="i32", qk_scale="fp32", scale="fp32", dq=p)
-        dkv = dict(q=p, k=p, v=p, do=p, lse="*fp32", delta="*fp32", pairs="*i32", mult="*i8", desc="*i32",
-                   row_start="*i32", row_len="*i32", T="i32", NTT="i32", NT="i32", BR="i32", PW="i32",
-                   qk_scale="fp32", scale="fp32", dk_direct=p, dv_direct=p, part_k="*fp32", part_v="*fp32")
-        red = dict(dk_direct=p, dv_direct=p, part_k="*fp32", part_v="*fp32", row_start="*i32", row_len="*i32",
-                   part_off="*i32", part_num="*i32", BR="i32", dk=p, dv=p)
-        return fwd, dq, dkv, red
-
-    dts = {"bf16": ("*bf16", jnp.bfloat16), "fp32": ("*fp32", jnp.float32)}
-    matrix = [("bf16", 128, 128, 16, 64)]  # the benchmark shape first
-    for dt in ("bf16", "fp32"):
-        for dk, dv in ((64, 64), (128, 128), (192, 128), (256, 256)):
-            for g in (1, 16):
-                if (dt, dk, dv, g, 64) not in matrix:
-                    matrix.append((dt, dk, dv, g, 64))
-    matrix += [("bf16", 128, 128, 16, 16), ("bf16", 128, 128, 16, 256), ("bf16", 40, 24, 2, 32)]
-    for dt, dk, dv, g, l in matrix:
-        p, jdt = dts[dt]
-        fwd_sig, dq_sig, dkv_sig, red_sig = sigs(p)
-        cfg = sel.SelectionConfig.default(dk, dv, g, l, jdt)
-        bk, bv = sel._next_pow2(max(16, dk)), sel._next_pow2(max(16, dv))
-        seen = set()
-        for variant, rows, fc, qc, kc in (("main", cfg.tile.rows_main, cfg.main_fwd, cfg.main_dq, cfg.main_dkv),
-                                          ("fallback", cfg.tile.rows_fallback, cfg.fallback_fwd, cfg.fallback_dq,
-                                           cfg.fallback_dkv)):
-            plan = sel._Plan.make(g, rows)
-            common = dict(H=4, HQ=4 * g, G=g, K=dk, V=dv, GB=plan.gb, NG=plan.ng, BT=plan.bt, M=plan.rows,
-                          W=plan.bt * S, BS=l, BK=bk, PREC=sel._dot_precision(jdt))
-            for kname, kern, sig, c, extra in (
-                ("fwd", sel._slc_fwd_kernel, fwd_sig, fc, dict(BC=min(fc.block_keys, l), BV=min(fc.block_v, bv))),
-                ("dq", sel._slc_dq_kernel, dq_sig, qc, dict(BC=min(qc.block_keys, l), BV=bv)),
-                ("dkv", sel._slc_dkv_kernel, dkv_sig, kc, dict(BC=min(kc.block_keys, l), BV=bv)),
-            ):
-                key = (kname, plan, c)
-                if key in seen:
-                    continue
-                seen.add(key)
-                row = {"dtype": dt, "Dk": dk, "Dv": dv, "G": g, "l": l, "tiling": variant, "kernel": kname,
-                       "M": plan.rows, "BC": extra["BC"], "warps": c.num_warps, "stages": c.num_stages}
-                try:
-                    row.update(compile_one(kern, sig, {**common, **extra}, c.num_warps, c.num_stages))
-                except Exception as e:
-                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                log(row)
-                RESULTS["hopper"].append(row)
-        rc = cfg.reduce
-        row = {"dtype": dt, "Dk": dk, "Dv": dv, "G": g, "l": l, "tiling": "-", "kernel": "reduce",
-               "BC": min(rc.block_keys, l), "warps": rc.num_warps, "stages": 1}
-        try:
-            row.update(compile_one(sel._slc_reduce_kernel, red_sig, dict(H=4, K=dk, V=dv, BS=l, BC=min(rc.block_keys, l),
-                                                                           BK=bk, BV=bv), rc.num_warps, 1))
-        except Exception as e:
-            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        log(row)
-        RESULTS["hopper"].append(row)
-    write_json()
-
-
 # ======================================================================================
 # Summary
 # ======================================================================================
@@ -514,17 +393,6 @@ def fmt(x, spec):
 
 
 def summary():
-    if RESULTS["hopper"]:
-        log("\nHopper compile (sm_90): shared KB / regs / spill (local+stack B) / wgmma")
-        for r in RESULTS["hopper"]:
-            if "error" in r:
-                log(f"  {r['dtype']} Dk={r['Dk']} Dv={r['Dv']} G={r['G']} l={r['l']} {r['tiling']:8s} {r['kernel']:6s} ERROR {r['error'][:120]}")
-                continue
-            bad = "" if r["shared_ok"] else "  <-- SHARED OVERFLOW"
-            log(f"  {r['dtype']} Dk={r['Dk']:3d} Dv={r['Dv']:3d} G={r['G']:2d} l={r['l']:3d} {r['tiling']:8s} {r['kernel']:6s} "
-                f"M={r.get('M', '-')!s:>3} BC={r['BC']:3d} w={r['warps']} s={r['stages']}: "
-                f"{r['shared'] / 1024:6.1f} KB {r['registers']:3d} regs spill {r['local'] + r['stack']:5d} "
-                f"wgmma={r['wgmma']}{bad}")
     if RESULTS["patterns"]:
         log("\nIndex patterns (mean union of blocks per tile; blocks loaded per token by the forward):")
         for r in RESULTS["patterns"]:
@@ -538,7 +406,7 @@ def summary():
             parts = " ".join(f"{p}={r[p + '_rel']:.1e}" for p in ("o", "dq", "dk", "dv"))
             det = all(r[p + "_deterministic"] for p in ("o", "dq", "dk", "dv"))
             log(f"  {'ok  ' if r['ok'] else 'FAIL'} {r['check']:12s} T={r['T']:6d} {r['dtype']}: {parts} det={det}")
-    rows = RESULTS["rows"] + RESULTS["sweep"]
+    rows = RESULTS["rows"]
     if rows:
         log("\nTimings (ms, median) and XLA footprint of fwd+bwd (MB); x = ratio to the cuDNN floor")
         log(f"  {'op':52s} {'T':>6s} {'fwd':>8s} {'x':>5s} {'fwd+bwd':>9s} {'x':>5s} {'mem MB':>8s} {'x':>5s}")
@@ -562,8 +430,6 @@ def main():
     ap.add_argument("--check", action="store_true", help="compare with the XLA path (T=4096, 65536) before timing")
     ap.add_argument("--check-only", action="store_true", help="only the comparison with the XLA path")
     ap.add_argument("--check-T", default="4096,65536", help="sequence lengths of --check")
-    ap.add_argument("--sweep", action="store_true", help="also time selection configs at the largest T")
-    ap.add_argument("--hopper", action="store_true", help="compile every config for sm_90 (no GPU) and exit")
     ap.add_argument("--dims", default=None, help="HQ,H,D instead of 64,4,128 (smoke tests of this script)")
     args = ap.parse_args()
     if args.dims:
@@ -571,9 +437,6 @@ def main():
         HQ, H, D = (int(x) for x in args.dims.split(","))
     t0 = time.time()
     try:
-        if args.hopper:
-            run_hopper()
-            return
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         import jax
         import triton
@@ -586,11 +449,6 @@ def main():
             run_checks([int(t) for t in args.check_T.split(",") if t])
         if not args.check_only:
             run_timings(Ts, ops, args.reps)
-            if args.sweep and "slc" in ops:
-                try:
-                    run_sweep(max(Ts), args.reps)
-                except Exception as e:
-                    record_error("sweep", e)
     except Exception as e:
         record_error("main", e)
     finally:

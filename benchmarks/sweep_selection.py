@@ -23,8 +23,7 @@ Per (T, pattern, variant):
 - stages: every stage of `selection.forward_stages` / `backward_stages` jitted and timed
   ALONE on its real inputs (the outputs of the stages before it): meta_fwd (block starts +
   tile unions), fwd (kernel), meta_tiles (dq's tile unions; in fwd+bwd XLA shares them with
-  the forward's), delta (XLA rowsum(o * do); absent when fused into dq), dq (kernel, with
-  delta when fused), meta_dkv (dk/dv lists: token sort or the tiles' inverse index), dkv
+  the forward's), dq (kernel, also forming delta = rowsum(o * do)), meta_dkv (dk/dv lists: token sort or the tiles' inverse index), dkv
   (segment kernel), reduce (partials summed, single-segment rows copied). The "tiles" layout
   chooses its dk/dv tiling per call; here the choice is made on the host and named in
   brackets ("tiles_auto" chooses its forward / dq tiling inside the fwd and dq stages).
@@ -34,7 +33,7 @@ Per (T, pattern, variant):
   compiled and timed once: its time is copied and marked * (and listed in "shared").
 - check: o, dq, dk, dv against the "default" variant on the same inputs: `bitwise` (every
   bit equal) or, where the summation order legitimately differs (another dk/dv grouping,
-  another tiling, delta in XLA), the relative error ||a - b|| / ||b||, which must stay
+  another tiling), the relative error ||a - b|| / ||b||, which must stay
   <= 1e-3 (a quarter of one bf16 ulp in rms: a real bug is O(1)); the default is also run
   twice and must be bitwise deterministic. "legacy" is the implementation validated against
   the XLA path before this sweep, so its row is the correctness link.
@@ -99,12 +98,10 @@ def variants(dtype, names=None):
     dkv = base.main_dkv
     rep = dataclasses.replace
     out = {
-        # tokens dk/dv layout (4 tokens x 16 heads per step), delta fused into dq
+        # tokens dk/dv layout (4 tokens x 16 heads per step)
         "default": base,
-        # the first implementation: tiles dk/dv with its per-call tiling choice, XLA delta
+        # the first dk/dv layout: tiles, with its per-call tiling choice
         "legacy": sel.SelectionConfig.legacy(D, D, G, L, dtype),
-        # default with delta in XLA: what fusing it into dq saves
-        "xla_delta": rep(base, fuse_delta=False),
         # dk/dv programs in block order (neighbouring blocks share their local queries in L2)
         "dkv_block_order": rep(base, main_dkv=rep(dkv, order="block")),
         # segments of >= 256 steps (partials may take 512 MiB) instead of >= 1024 at 64K:
@@ -340,34 +337,19 @@ def run_hopper(cfg_names):
     (local + stack bytes), wgmma. Pointers are declared 16-byte aligned, as jax_triton does."""
     os.environ.pop("TRITON_INTERPRET", None)
     import jax.numpy as jnp
-    import triton
 
     from ejnsa.triton import selection as sel
-    from tools.hopper_compile import HOPPER, SHARED_LIMIT, _resource_usage, _unwrap
+    from tools.hopper_compile import compile_for_hopper
 
     def compile_one(kernel, signature, constexprs, num_warps, num_stages):
-        fn = _unwrap(kernel)
-        sig = {n: signature.get(n, "constexpr" if n in constexprs else None) for n in fn.arg_names}
-        missing = [n for n, t in sig.items() if t is None]
-        if missing:
-            raise ValueError(f"signature lacks {missing}")
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if str(sig[n]).startswith("*")}
-        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-        ck = triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
-        u = _resource_usage(ck.asm["cubin"])
-        ttgir = ck.asm.get("ttgir", "")
-        return {"shared": ck.metadata.shared, "shared_ok": ck.metadata.shared <= SHARED_LIMIT,
-                "registers": u["registers"], "spill": (u["local"] or 0) + (u["stack"] or 0),
-                "wgmma": "wgmma" in ck.asm["ptx"],
-                "async_copies": ttgir.count("async_copy_global_to_local")}
+        r = compile_for_hopper(kernel, signature, constexprs, num_warps, num_stages)
+        return {k: r[k] for k in ("shared", "shared_ok", "registers", "spill", "wgmma", "async_copies")}
 
     def sigs(p):
         fwd = dict(q=p, k=p, v=p, union="*i32", count="*i32", mult="*i8", T="i32", NTT="i32", qk_scale="fp32",
                    o=p, lse="*fp32")
-        dq = dict(q=p, k=p, v=p, do=p, lse="*fp32", delta="*fp32", union="*i32", count="*i32", mult="*i8",
-                  T="i32", NTT="i32", qk_scale="fp32", scale="fp32", dq=p)
-        dqf = dict(q=p, k=p, v=p, o=p, do=p, lse="*fp32", union="*i32", count="*i32", mult="*i8",
-                   T="i32", NTT="i32", qk_scale="fp32", scale="fp32", dq=p, delta="*fp32")
+        dq = dict(q=p, k=p, v=p, o=p, do=p, lse="*fp32", union="*i32", count="*i32", mult="*i8",
+                  T="i32", NTT="i32", qk_scale="fp32", scale="fp32", dq=p, delta="*fp32")
         dkv = dict(q=p, k=p, v=p, do=p, lse="*fp32", delta="*fp32", pairs="*i32", mult="*i8", desc="*i32",
                    row_start="*i32", row_len="*i32", T="i32", NTT="i32", NT="i32", BR="i32", PW="i32",
                    qk_scale="fp32", scale="fp32", dk_direct=p, dv_direct=p, part_k="*fp32", part_v="*fp32")
@@ -376,14 +358,14 @@ def run_hopper(cfg_names):
                     dk_direct=p, dv_direct=p, part_k="*fp32", part_v="*fp32")
         red = dict(dk_direct=p, dv_direct=p, part_k="*fp32", part_v="*fp32", row_start="*i32", row_len="*i32",
                    part_off="*i32", part_num="*i32", BR="i32", dk=p, dv=p)
-        return fwd, dq, dqf, dkv, dkvt, red
+        return fwd, dq, dkv, dkvt, red
 
     dts = {"bf16": ("*bf16", jnp.bfloat16), "fp32": ("*fp32", jnp.float32)}
     seen = set()
 
     def kernels_of(cfg, dt, dk, dv, g, l, label):
         p, jdt = dts[dt]
-        fwd_sig, dq_sig, dqf_sig, dkv_sig, dkvt_sig, red_sig = sigs(p)
+        fwd_sig, dq_sig, dkv_sig, dkvt_sig, red_sig = sigs(p)
         bk, bv = sel._next_pow2(max(16, dk)), sel._next_pow2(max(16, dv))
         base = dict(H=4, HQ=4 * g, G=g, K=dk, V=dv, BS=l, BK=bk, PREC=sel._dot_precision(jdt))
         tiles = cfg.tile.dkv_layout == "tiles"
@@ -395,11 +377,7 @@ def run_hopper(cfg_names):
             pc = dict(base, GB=plan.gb, NG=plan.ng, BT=plan.bt, M=plan.rows, W=plan.bt * S)
             todo.append(("fwd", tiling, sel._slc_fwd_kernel, fwd_sig, fc,
                          dict(pc, BC=min(fc.block_keys, l), BV=min(fc.block_v, bv))))
-            if cfg.fuse_delta:
-                todo.append(("dq_fused", tiling, sel._slc_dq_fused_kernel, dqf_sig, qc,
-                             dict(pc, BC=min(qc.block_keys, l), BV=bv)))
-            else:
-                todo.append(("dq", tiling, sel._slc_dq_kernel, dq_sig, qc, dict(pc, BC=min(qc.block_keys, l), BV=bv)))
+            todo.append(("dq", tiling, sel._slc_dq_kernel, dq_sig, qc, dict(pc, BC=min(qc.block_keys, l), BV=bv)))
             if tiles:
                 todo.append(("dkv_tiles", tiling, sel._slc_dkv_kernel, dkv_sig, kc,
                              dict(pc, BC=min(kc.block_keys, l), BV=bv)))
@@ -446,7 +424,7 @@ def run_hopper(cfg_names):
 # ======================================================================================
 
 
-STAGE_COLS = ("meta_fwd", "fwd", "meta_tiles", "delta", "dq", "meta_dkv", "dkv", "reduce")
+STAGE_COLS = ("meta_fwd", "fwd", "meta_tiles", "dq", "meta_dkv", "dkv", "reduce")
 
 
 def fmt(x, spec):

@@ -348,9 +348,9 @@ def test_token_lists_segments():
 
 
 def test_dkv_tokens_variants():
-    """The "tokens" layout's options all match the reference: delta in XLA instead of dq,
-    block order with segments of one step, 16-row steps, a forward choosing its tiling per
-    call; the program order changes no bit."""
+    """The "tokens" layout's options all match the reference: block order with segments of
+    one step, 16-row steps, a forward choosing its tiling per call; the program order
+    changes no bit."""
     rng = np.random.default_rng(8)
     B, T, HQ, H, Dk, Dv, l, S = 2, 45, 8, 2, 32, 16, 8, 3
     q, k, v = make_qkv(rng, B, T, HQ, H, Dk, Dv, jnp.bfloat16)
@@ -361,7 +361,6 @@ def test_dkv_tokens_variants():
     rep = dataclasses.replace
     cfgs = {
         "default": base,
-        "xla_delta": rep(base, fuse_delta=False),
         "block_order": rep(base, main_dkv=rep(base.main_dkv, order="block")),
         "block_order_short": rep(base, main_dkv=rep(base.main_dkv, order="block", min_segment=1,
                                                     partial_bytes=1 << 30)),

@@ -7,7 +7,7 @@ wheel) and reports what the GPU machine would see at launch:
 
     from tools.hopper_compile import compile_for_hopper
     r = compile_for_hopper(kernel, {"q": "*bf16", "T": "i32", ...}, {"BT": 64, ...}, num_warps=4, num_stages=2)
-    print(r)  # {'shared': ..., 'registers': ..., 'spill_bytes': ..., 'wgmma': True, ...}
+    print(r)  # {'shared': ..., 'registers': ..., 'spill': ..., 'wgmma': True, ...}
 
 Signature strings are Triton's: "*bf16", "*fp16", "*fp32", "*i32", "*i64", "i32", "i64",
 "fp32", and "constexpr" for constexpr parameters (their values in `constexprs`). The
@@ -68,9 +68,12 @@ def compile_for_hopper(kernel, signature: dict, constexprs: dict, num_warps: int
         "shared": ck.metadata.shared,
         "shared_ok": ck.metadata.shared <= SHARED_LIMIT,
         "registers": usage["registers"],
-        "spill_bytes": usage["local"],
+        # register spills live in local memory and on the stack
+        "spill": (usage["local"] or 0) + (usage["stack"] or 0),
         "wgmma": "wgmma" in ptx,
         "mma": "mma.sync" in ptx,
+        # loads the software pipeliner turned into cp.async copies into shared memory
+        "async_copies": ck.asm.get("ttgir", "").count("async_copy_global_to_local"),
         "num_warps": num_warps,
         "num_stages": num_stages,
     }

@@ -35,9 +35,10 @@ Metadata, built in XLA once per call (`_tile_union`)
 
 Backward
 --------
-dq mirrors the forward (tile x union loop, p recomputed from the saved lse) and, by default
-(`SelectionConfig.fuse_delta`), forms delta = rowsum(o * do) from the o and do rows it holds
-(one read of o instead of an XLA pass over o and do: 1 GB of 2 GB saved at 64K).
+dq mirrors the forward (tile x union loop, p recomputed from the saved lse) and forms
+delta = rowsum(o * do) from the o and do rows it holds, for dk/dv (one read of o instead of
+an XLA pass over o and do; the two measured the same on an H100, run 4 of
+benchmarks/sweep_selection.py, and the fused form needs no extra [B, T, HQ] pass).
 
 dk/dv are KEY-major, with no atomics: a program owns one block's dk/dv [l, D] and streams
 the query rows that selected it past the resident K/V block. Two layouts
@@ -145,11 +146,11 @@ def _is_f32(dtype) -> bool:
     return jnp.dtype(dtype) == jnp.float32
 
 
-# Kernel configurations below were checked with tools/hopper_compile.py-style compiles for
-# sm_90 (Triton 3.6): shared memory under 227 KiB everywhere, no register spills for 16-bit
-# inputs (wgmma in every dot with 64 rows on the M side), small spills only for float32 with
-# head dims > 128. See the report in benchmarks/bench_kernels.py --hopper and
-# benchmarks/sweep_selection.py --hopper.
+# Kernel configurations below were checked with tools/hopper_compile.py for sm_90 (Triton
+# 3.6; report: `python benchmarks/sweep_selection.py --hopper`): shared memory under 227 KiB
+# everywhere, wgmma in every dot with 64 rows on the M side; register spills only in dk/dv
+# at head dim 128 with 16-bit inputs (40-80 bytes at 4 warps, measured fastest anyway) and
+# small ones for float32 with head dims > 128.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,13 +182,13 @@ class DqConfig:
     num_stages: int
 
     @staticmethod
-    def default(dk: int, dv: int, rows: int, block_size: int, dtype, fused: bool = False) -> "DqConfig":
-        """fused: for the kernel that also forms delta (its o tile needs registers)."""
+    def default(dk: int, dv: int, rows: int, block_size: int, dtype) -> "DqConfig":
         big = max(dk, dv) > 128
         if _is_f32(dtype):
             return DqConfig(min(block_size, 16), 8, 1) if big else DqConfig(min(block_size, 32), 8, 2)
         if big:
-            return DqConfig(min(block_size, 32), 4 if fused and rows < 64 else 8, 2)
+            # the o tile that delta is formed from needs registers too
+            return DqConfig(min(block_size, 32), 4 if rows < 64 else 8, 2)
         # One warpgroup per 64 rows: every wgmma gets its full M = 64. Measured on an H100
         # (benchmarks/sweep_selection.py, T = 64K, bf16, D = 128): dq 8.6 ms with 4 warps
         # against 20.7 ms with 8 (realistic indices), 22.3 against 50.7 (random).
@@ -256,9 +257,7 @@ class SelectionConfig:
 
     `main_*` configure the kernels of the main tiling, `fallback_*` those of the small one;
     the "tokens" dk/dv layout uses `main_dkv` whatever the tiling.
-    fuse_delta: dq computes delta = rowsum(o * do) from the o and do rows it holds and
-      hands it to dk/dv, instead of a separate XLA pass over o and do.
-    `legacy` is the first implementation ("tiles" dk/dv, delta in XLA), kept for comparison.
+    `legacy` is the first dk/dv layout ("tiles"), kept for comparison.
     """
 
     tile: TileConfig
@@ -269,11 +268,10 @@ class SelectionConfig:
     fallback_dq: DqConfig
     fallback_dkv: DkvConfig
     reduce: ReduceConfig
-    fuse_delta: bool = True
 
     @staticmethod
-    def default(dk: int, dv: int, group: int, block_size: int, dtype, tile: TileConfig | None = None,
-                fuse_delta: bool = True) -> "SelectionConfig":
+    def default(dk: int, dv: int, group: int, block_size: int, dtype,
+                tile: TileConfig | None = None) -> "SelectionConfig":
         tile = tile or TileConfig.default(dk, dv, dtype)
         layout = _dkv_layout(tile)
         m = _Plan.make(group, tile.rows_main).rows
@@ -281,20 +279,19 @@ class SelectionConfig:
         return SelectionConfig(
             tile,
             FwdConfig.default(dk, dv, m, block_size, dtype),
-            DqConfig.default(dk, dv, m, block_size, dtype, fuse_delta),
+            DqConfig.default(dk, dv, m, block_size, dtype),
             DkvConfig.default(dk, dv, m, block_size, dtype, layout),
             FwdConfig.default(dk, dv, f, block_size, dtype),
-            DqConfig.default(dk, dv, f, block_size, dtype, fuse_delta),
+            DqConfig.default(dk, dv, f, block_size, dtype),
             DkvConfig.default(dk, dv, f, block_size, dtype, layout),
             ReduceConfig.default(dk, dv, block_size, dtype),
-            fuse_delta,
         )
 
     @staticmethod
     def legacy(dk: int, dv: int, group: int, block_size: int, dtype) -> "SelectionConfig":
-        """The first implementation: "tiles" dk/dv with its per-call tiling choice, delta in XLA."""
+        """The first dk/dv layout: "tiles", with its per-call choice between two tilings."""
         tile = dataclasses.replace(TileConfig.default(dk, dv, dtype), dkv_layout="tiles")
-        return SelectionConfig.default(dk, dv, group, block_size, dtype, tile, fuse_delta=False)
+        return SelectionConfig.default(dk, dv, group, block_size, dtype, tile)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -407,74 +404,6 @@ def _slc_fwd_kernel(
 
 @triton.jit
 def _slc_dq_kernel(
-    q, k, v, do, lse, delta, union, count, mult,  # inputs
-    T, NTT, qk_scale, scale,  # scalars
-    dq,  # output
-    H: tl.constexpr, HQ: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    GB: tl.constexpr, NG: tl.constexpr, BT: tl.constexpr, M: tl.constexpr, W: tl.constexpr,
-    BS: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-):
-    """dq [B*T, HQ, K] of one tile: the forward's loop with p recomputed from lse."""
-    NC: tl.constexpr = BS // BC
-    i_tile, i_hg = tl.program_id(0), tl.program_id(1)
-    NT = tl.num_programs(0)
-    i_h, i_g = i_hg // NG, i_hg % NG
-    i_b, t0 = i_tile // NTT, (i_tile % NTT) * BT
-    t_end = tl.minimum(t0 + BT, T)
-    t_hi = i_b * T + t_end - 1
-
-    o_r = tl.arange(0, M)
-    r_tok = o_r // GB
-    r_g = i_g * GB + o_r % GB
-    m_r = (o_r < BT * GB) & (t0 + r_tok < T) & (r_g < G)
-    t_r = i_b * T + t0 + r_tok
-    o_row = r_tok * HQ + r_g
-    row0 = (i_b * T + t0).to(tl.int64) * HQ + i_h * G
-
-    o_k = tl.arange(0, BK)
-    o_v = tl.arange(0, BV)
-    m_k = o_k < K
-    m_v = o_v < V
-    # [M, BK], [M, BV]
-    b_q = tl.load(q + row0 * K + o_row[:, None] * K + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
-    b_do = tl.load(do + row0 * V + o_row[:, None] * V + o_v[None, :], mask=m_r[:, None] & m_v[None, :], other=0.0)
-    # [M]; an empty row (lse = -inf) gets +inf so that every p of it is exp2(-inf) = 0
-    b_lse = tl.load(lse + row0 + o_row, mask=m_r, other=float("inf")).to(tl.float32)
-    b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse) * 1.4426950408889634
-    b_delta = tl.load(delta + row0 + o_row, mask=m_r, other=0.0).to(tl.float32)
-
-    i_ht = (i_h * NT + i_tile).to(tl.int64)
-    p_u = union + i_ht * W
-    p_w = mult + i_ht * W * BT
-    n_u = tl.load(count + i_ht)
-    o_c = tl.arange(0, BC)
-
-    b_dq = tl.zeros([M, BK], tl.float32)
-    for i in range(0, n_u * NC):
-        i_u = i // NC
-        i_c = i % NC
-        s = tl.load(p_u + i_u)
-        b_w = tl.load(p_w + i_u * BT + r_tok, mask=m_r, other=0).to(tl.float32)
-        o_j = s + i_c * BC + o_c
-        m_j = o_j <= t_hi
-        p_kv = (s.to(tl.int64) * H + i_h)
-        o_kv = (i_c * BC + o_c) * H
-        b_k = tl.load(k + p_kv * K + o_kv[:, None] * K + o_k[None, :], mask=m_j[:, None] & m_k[None, :], other=0.0)
-        b_v = tl.load(v + p_kv * V + o_kv[:, None] * V + o_v[None, :], mask=m_j[:, None] & m_v[None, :], other=0.0)
-        # [M, BC]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
-        m_s = (o_j[None, :] <= t_r[:, None]) & (b_w[:, None] > 0)
-        b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0) * b_w[:, None]
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
-    b_dq = b_dq * scale
-    tl.store(dq + row0 * K + o_row[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty),
-             mask=m_r[:, None] & m_k[None, :])
-
-
-@triton.jit
-def _slc_dq_fused_kernel(
     q, k, v, o, do, lse, union, count, mult,  # inputs
     T, NTT, qk_scale, scale,  # scalars
     dq, delta,  # outputs
@@ -484,8 +413,8 @@ def _slc_dq_fused_kernel(
 ):
     """dq [B*T, HQ, K] and delta = rowsum(o * do) [B*T, HQ] of one tile.
 
-    `_slc_dq_kernel` with delta formed from the o and do rows of the tile (each row belongs
-    to exactly one program, so delta is written once); dk/dv then read it.
+    The forward's loop with p recomputed from lse. delta is formed from the o and do rows of
+    the tile (each row belongs to exactly one program, so it is written once); dk/dv read it.
     """
     NC: tl.constexpr = BS // BC
     i_tile, i_hg = tl.program_id(0), tl.program_id(1)
@@ -1013,34 +942,22 @@ def _forward(query, key, value, tiles, plan: _Plan, block_size: int, scale: floa
     return o, lse
 
 
-def _backward_dq(query, key, value, o, do, lse, delta, tiles, plan: _Plan, block_size: int, scale: float,
-                 cfg: DqConfig):
-    """(dq, delta): with delta None, the fused kernel forms delta from o and do."""
+def _backward_dq(query, key, value, o, do, lse, tiles, plan: _Plan, block_size: int, scale: float, cfg: DqConfig):
+    """(dq, delta = rowsum(o * do) in float32)."""
     union, count, mult = tiles
     batch, seq_len, hq, heads, group, dk, dv = _dims(query, key, value)
     ntt = cdiv(seq_len, plan.bt)
-    common = dict(
+    return triton_call(
+        query, key, value, o, do, lse, union, count, mult,
+        seq_len, ntt, np.float32(scale * LOG2E), np.float32(scale),
+        kernel=_slc_dq_kernel, name="slc_dq",
+        out_shape=(jax.ShapeDtypeStruct(query.shape, query.dtype),
+                   jax.ShapeDtypeStruct(query.shape[:3], jnp.float32)),
         grid=(batch * ntt, heads * plan.ng), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         H=heads, HQ=hq, G=group, K=dk, V=dv, GB=plan.gb, NG=plan.ng, BT=plan.bt, M=plan.rows, W=union.shape[2],
         BS=block_size, BC=min(cfg.block_keys, block_size), BK=_next_pow2(max(16, dk)), BV=_next_pow2(max(16, dv)),
         PREC=_dot_precision(query.dtype),
     )
-    scalars = (seq_len, ntt, np.float32(scale * LOG2E), np.float32(scale))
-    if delta is None:
-        return triton_call(
-            query, key, value, o, do, lse, union, count, mult, *scalars,
-            kernel=_slc_dq_fused_kernel, name="slc_dq_fused",
-            out_shape=(jax.ShapeDtypeStruct(query.shape, query.dtype),
-                       jax.ShapeDtypeStruct(query.shape[:3], jnp.float32)),
-            **common,
-        )
-    dq = triton_call(
-        query, key, value, do, lse, delta, union, count, mult, *scalars,
-        kernel=_slc_dq_kernel, name="slc_dq",
-        out_shape=jax.ShapeDtypeStruct(query.shape, query.dtype),
-        **common,
-    )
-    return dq, delta
 
 
 def _dkv_outputs(key, value, nparts: int, block_size: int):
@@ -1200,10 +1117,6 @@ def _dkv_layout(tile: TileConfig) -> str:
     return tile.dkv_layout
 
 
-def _delta(o, do):
-    return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, T, HQ]
-
-
 # The forward and the backward are written as sequences of stages, each a pure function of
 # arrays run through `run(name, fn, *arrays)`. The custom_vjp runs them inline (`_now`);
 # `forward_stages` / `backward_stages` let a benchmark jit and time every stage alone on
@@ -1266,16 +1179,15 @@ def _bwd_run(run, query, key, value, block_indices, block_counts, cu_seqlens, o,
         return _tile_union(starts, main.bt), (_tile_union(starts, fb.bt) if need_f else None)
 
     tiles_m, tiles_f = run("meta_tiles", meta_tiles, block_indices, block_counts, cu_seqlens)
-    delta = None if cfg.fuse_delta else run("delta", _delta, o, do)
 
-    def dq_fn(q, k, v, o, do, lse, delta, tm, tf, fwd_fb):
-        dq_m = functools.partial(_backward_dq, q, k, v, o, do, lse, delta, tm, main, block_size, scale, dq_cfg)
+    def dq_fn(q, k, v, o, do, lse, tm, tf, fwd_fb):
+        dq_m = functools.partial(_backward_dq, q, k, v, o, do, lse, tm, main, block_size, scale, dq_cfg)
         if fwd_fb is None:
             return dq_m()
-        dq_f = functools.partial(_backward_dq, q, k, v, o, do, lse, delta, tf, fb, block_size, scale, fb_dq)
+        dq_f = functools.partial(_backward_dq, q, k, v, o, do, lse, tf, fb, block_size, scale, fb_dq)
         return lax.cond(fwd_fb, dq_f, dq_m)
 
-    dq, delta = run("dq", dq_fn, query, key, value, o, do, lse, delta, tiles_m, tiles_f, fwd_fb)
+    dq, delta = run("dq", dq_fn, query, key, value, o, do, lse, tiles_m, tiles_f, fwd_fb)
 
     if tokens:
         kcfg = cfg.main_dkv
