@@ -21,11 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 import traceback
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import median_ms, rel_err  # the repository root on sys.path, for ejnsa
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -46,18 +45,6 @@ def log(**row):
     row["elapsed_s"] = round(time.perf_counter() - T0, 1)
     ROWS.append(row)
     print(json.dumps(row), flush=True)
-
-
-def bench(f, *args, reps=20, warmup=2):
-    """Median wall time in ms of f(*args) (jitted), after warm-up."""
-    for _ in range(warmup):
-        jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts) * 1e3)
 
 
 def mem_mb(f, *args):
@@ -111,14 +98,14 @@ def run_timings(Ts):
                 row = dict(mode="time", op=name, kind=kind, T=T)
                 try:
                     f = jax.jit(ours) if kind == "fwd" else grad_of(ours)
-                    row["ours_ms"] = round(bench(f, *args), 3)
+                    row["ours_ms"] = round(median_ms(f, *args), 3)
                     row["ours_mem_mb"] = mem_mb(f, *args)
                 except Exception as e:
                     row["ours_error"] = repr(e)[:400]
                     traceback.print_exc()
                 try:
                     g = jax.jit(floor) if kind == "fwd" else grad_of(floor)
-                    row["floor_ms"] = round(bench(g, *args) * factor, 3)
+                    row["floor_ms"] = round(median_ms(g, *args) * factor, 3)
                     row["floor_mem_mb"] = mem_mb(g, *args)
                 except Exception as e:
                     row["floor_error"] = repr(e)[:400]
@@ -127,11 +114,6 @@ def run_timings(Ts):
                     row["target"] = TARGETS[(name, kind)]
                 log(**row)
         del q, k, v, kc, vc
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def run_check(Ts):
@@ -174,7 +156,7 @@ def run_check(Ts):
                         res[p] = [np.asarray(x.astype(jnp.float32)) for x in res[p]]
                     ok = True
                     for n, a, b in zip(names, res["triton"], res["xla"]):
-                        e = rel(a, b)
+                        e = rel_err(a, b)
                         row[n] = float(f"{e:.3e}")
                         finite = bool(np.all(np.isfinite(a)))
                         limit = 1e-5 if n == "lse" else tol[dtype][0 if n == "o" else 1]
@@ -214,7 +196,7 @@ def run_sweep(T=65536):
             row = dict(mode="sweep", op=name, kernel="fwd", cfg=list(c))
             try:
                 f = jax.jit(lambda q, kk, vv, c=c: Wn.band_forward(q, kk, vv, iv, scale, Wn.FwdConfig(*c)))
-                row["ms"] = round(bench(f, q, kk, vv, reps=10), 3)
+                row["ms"] = round(median_ms(f, q, kk, vv, reps=10), 3)
             except Exception as e:
                 row["error"] = repr(e)[:300]
             log(**row)
@@ -222,7 +204,7 @@ def run_sweep(T=65536):
             row = dict(mode="sweep", op=name, kernel="dq", cfg=list(c))
             try:
                 f = jax.jit(lambda q, kk, vv, do, lse, delta, c=c: Wn.band_backward_dq(q, kk, vv, do, lse, delta, iv, scale, Wn.DqConfig(*c)))
-                row["ms"] = round(bench(f, q, kk, vv, do, lse, delta, reps=10), 3)
+                row["ms"] = round(median_ms(f, q, kk, vv, do, lse, delta, reps=10), 3)
             except Exception as e:
                 row["error"] = repr(e)[:300]
             log(**row)
@@ -236,7 +218,7 @@ def run_sweep(T=65536):
                         if dk.ndim == 5:
                             dk, dv = Wn.sum_parts(dk, kk.dtype), Wn.sum_parts(dv, vv.dtype)
                         return dk, dv
-                    row["ms"] = round(bench(jax.jit(f), q, kk, vv, do, lse, delta, reps=10), 3)
+                    row["ms"] = round(median_ms(jax.jit(f), q, kk, vv, do, lse, delta, reps=10), 3)
                 except Exception as e:
                     row["error"] = repr(e)[:300]
                 log(**row)

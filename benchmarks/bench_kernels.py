@@ -30,37 +30,13 @@ last; everything is written as JSON to $OUT/bench_kernels.json when OUT is set.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import time
-import traceback
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from _common import log, median_ms, record_error, rel_err, write_json  # noqa: E402
 
 HQ, H, D, L, S, W = 64, 4, 128, 64, 16, 512
 RESULTS: dict = {"env": {}, "rows": [], "checks": [], "patterns": [], "errors": []}
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def record_error(where: str, e: BaseException):
-    log(f"!! {where}: {type(e).__name__}: {e}")
-    traceback.print_exc()
-    RESULTS["errors"].append({"where": where, "error": f"{type(e).__name__}: {str(e)[:2000]}"})
-
-
-def write_json():
-    out = os.environ.get("OUT")
-    if not out:
-        return
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "bench_kernels.json"), "w") as f:
-        json.dump(RESULTS, f, indent=1, default=str)
 
 
 # ======================================================================================
@@ -129,7 +105,7 @@ def topk_indices(T, k, seed=2):
         idx = jax.jit(lambda q, kc: ejnsa.nsa_topk(q, kc, S, L, platform="xla"))(qs, k_cmp)
         return jax.block_until_ready(idx), "nsa_topk(xla) on smooth queries"
     except Exception as e:  # pragma: no cover - GPU only
-        record_error(f"topk indices T={T}", e)
+        record_error(RESULTS, f"topk indices T={T}", e)
         # Fallback: the tokens of a 64-token chunk share their scores.
         nb = -(-T // L)
         cur = (jnp.arange(T) // L)[:, None, None]
@@ -178,9 +154,9 @@ def pattern_stats(idx, name, T):
         return tm, tf, sel._inverse_index(tm[0], rows[0], seg, bound)
 
     try:
-        t_fwd, t_bwd = bench(meta_fwd, idx, reps=5), bench(meta_bwd, idx, reps=5)
+        t_fwd, t_bwd = median_ms(meta_fwd, idx, reps=5), median_ms(meta_bwd, idx, reps=5)
     except Exception as e:
-        record_error(f"metadata timing {name}", e)
+        record_error(RESULTS, f"metadata timing {name}", e)
         t_fwd = t_bwd = None
     row = {"T": T, "pattern": name, "valid_entries_per_token": valid,
            f"union_per_tile_bt{main.bt}": um, f"union_per_tile_bt{fb.bt}": uf,
@@ -194,20 +170,6 @@ def pattern_stats(idx, name, T):
 # ======================================================================================
 # Timing
 # ======================================================================================
-
-
-def bench(f, *args, reps=20, warmup=2):
-    import jax
-
-    for _ in range(warmup):
-        jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t)
-    ts.sort()
-    return ts[len(ts) // 2] * 1e3
 
 
 def footprint(jitted, *args):
@@ -228,20 +190,20 @@ def time_op(name, T, fn, args, reps, floor=None):
     row = {"op": name, "T": T}
     try:
         fwd = jax.jit(fn)
-        row["fwd_ms"] = bench(fwd, *args, reps=reps)
+        row["fwd_ms"] = median_ms(fwd, *args, reps=reps)
 
         def loss(q, k, v, *extra):
             return jnp.sum(fn(q, k, v, *extra).astype(jnp.float32))
 
         fb = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-        row["fwdbwd_ms"] = bench(fb, *args, reps=reps)
+        row["fwdbwd_ms"] = median_ms(fb, *args, reps=reps)
         row["fwdbwd_bytes"] = footprint(fb, *args)
         if floor is not None:
             for key in ("fwd_ms", "fwdbwd_ms", "fwdbwd_bytes"):
                 if row.get(key) and floor.get(key):
                     row[key.replace("_ms", "").replace("_bytes", "_mem") + "_x_floor"] = row[key] / floor[key]
     except Exception as e:
-        record_error(f"{name} T={T}", e)
+        record_error(RESULTS, f"{name} T={T}", e)
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     log(row)
     RESULTS["rows"].append(row)
@@ -259,7 +221,7 @@ def run_timings(Ts, ops, reps):
         try:
             q, k, v, _ = make_inputs(T, jnp.bfloat16)
         except Exception as e:
-            record_error(f"inputs T={T}", e)
+            record_error(RESULTS, f"inputs T={T}", e)
             continue
         if "slc" in ops:
             floor = time_op("cudnn_window_1024 (slc floor)", T, lambda q, k, v: jax.nn.dot_product_attention(
@@ -269,16 +231,16 @@ def run_timings(Ts, ops, reps):
                 idx, how = topk_indices(T, k)
                 pats.append((f"slc topk [{how}]", idx))
             except Exception as e:
-                record_error(f"topk indices T={T}", e)
+                record_error(RESULTS, f"topk indices T={T}", e)
             try:
                 pats.append(("slc random", random_indices(T, H)))
             except Exception as e:
-                record_error(f"random indices T={T}", e)
+                record_error(RESULTS, f"random indices T={T}", e)
             for name, idx in pats:
                 try:
                     pattern_stats(idx, name, T)
                 except Exception as e:
-                    record_error(f"pattern stats {name} T={T}", e)
+                    record_error(RESULTS, f"pattern stats {name} T={T}", e)
                 time_op(name, T, lambda q, k, v, idx: ejnsa.apply_native_sparse_attention(
                     q, k, v, idx, S, L, platform="triton"), (q, k, v, idx), reps, floor)
             del pats
@@ -288,21 +250,12 @@ def run_timings(Ts, ops, reps):
             time_op(f"swa w={W}", T, lambda q, k, v: ejnsa.sliding_window_attention(q, k, v, W, platform="triton"),
                     (q, k, v), reps, floor)
         del q, k, v
-        write_json()
+        write_json(RESULTS, "bench_kernels.json")
 
 
 # ======================================================================================
 # Correctness against the XLA path
 # ======================================================================================
-
-
-def rel(a, b):
-    import numpy as np
-
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    n = np.linalg.norm(b)
-    return float(np.linalg.norm(a - b) / n) if n > 0 else float(np.linalg.norm(a - b))
 
 
 def run_checks(check_Ts):
@@ -323,7 +276,7 @@ def run_checks(check_Ts):
             try:
                 q, k, v, do = make_inputs(T, dtype, hq, h, d, seed=T)
             except Exception as e:
-                record_error(f"check inputs T={T} {dt_name}", e)
+                record_error(RESULTS, f"check inputs T={T} {dt_name}", e)
                 continue
             ops = {
                 "slc random": (lambda q, k, v, idx, p: ejnsa.apply_native_sparse_attention(q, k, v, idx, S, L, platform=p),
@@ -342,7 +295,7 @@ def run_checks(check_Ts):
                     score = jnp.where(blk <= cur, score, -1.0)
                     ops["slc topk"] = (ops["slc random"][0], _top(score)[None])
             except Exception as e:
-                record_error(f"check topk indices T={T}", e)
+                record_error(RESULTS, f"check topk indices T={T}", e)
             for name, (fn, idx) in ops.items():
                 row = {"check": name, "T": T, "dtype": dt_name, "HQ": hq, "H": h, "D": d}
                 try:
@@ -361,7 +314,7 @@ def run_checks(check_Ts):
                     ok = True
                     for part, a, b, c in zip(("o", "dq", "dk", "dv"), got, want, again):
                         a32, b32 = np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32))
-                        row[f"{part}_rel"] = rel(a32, b32)
+                        row[f"{part}_rel"] = rel_err(a32, b32)
                         row[f"{part}_finite"] = bool(np.all(np.isfinite(a32)))
                         row[f"{part}_deterministic"] = bool(np.array_equal(np.asarray(a), np.asarray(c)))
                         t = tol[dt_name][0 if part == "o" else 1]
@@ -369,12 +322,12 @@ def run_checks(check_Ts):
                     row["ok"] = bool(ok)
                     del got, want, again
                 except Exception as e:
-                    record_error(f"check {name} T={T} {dt_name}", e)
+                    record_error(RESULTS, f"check {name} T={T} {dt_name}", e)
                     row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                     row["ok"] = False
                 log(row)
                 RESULTS["checks"].append(row)
-                write_json()
+                write_json(RESULTS, "bench_kernels.json")
             del q, k, v, do, ops
 
 
@@ -450,10 +403,10 @@ def main():
         if not args.check_only:
             run_timings(Ts, ops, args.reps)
     except Exception as e:
-        record_error("main", e)
+        record_error(RESULTS, "main", e)
     finally:
         RESULTS["wall_s"] = time.time() - t0
-        write_json()
+        write_json(RESULTS, "bench_kernels.json")
         summary()
         log(f"\nwall {time.time() - t0:.0f} s")
 

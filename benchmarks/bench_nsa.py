@@ -35,13 +35,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
 
-# Run from a source tree: the repository root on the path (as PYTHONPATH=$PWD does on the GPU).
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import batched_ms, guarded, log, rel_err, selection_problems, topk_scores_f64  # noqa: E402
 
 SHAPE = dict(B=1, HQ=64, H=4, D=128, block_size=64, S=16, window=512, dtype="bfloat16")
 TARGETS = {
@@ -51,103 +49,9 @@ TARGETS = {
 }
 
 
-def log(*a):
-    print(*a, flush=True)
-
-
-# --------------------------------------------------------------------------------------
-# timing
-# --------------------------------------------------------------------------------------
-
-
-def timeit(f, *args, reps=7, min_ms=25.0):
-    """Median ms per call: warm-up (compile) once, then `reps` batches of back-to-back calls
-    (enough to fill min_ms, which hides the host's dispatch cost of small stages)."""
-    import jax
-
-    jax.block_until_ready(f(*args))
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    one = time.perf_counter() - t0
-    inner = max(1, min(200, int(min_ms / 1e3 / max(one, 1e-6))))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = f(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / inner)
-    return statistics.median(times) * 1e3
-
-
-def guarded(record: dict, key: str, fn):
-    """record[key] = fn(), or record[key + '_err'] = the exception (printed)."""
-    try:
-        record[key] = fn()
-        return record[key]
-    except Exception as e:  # keep going: every GPU minute counts
-        record[key + "_err"] = f"{type(e).__name__}: {str(e)[:400]}"
-        log(f"  !! {key}: {type(e).__name__}: {str(e)[:400]}")
-        traceback.print_exc(limit=3)
-        return None
-
-
 # --------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------
-
-
-def rel(a, b):
-    import jax.numpy as jnp
-
-    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-    return float(jnp.linalg.norm((a - b).ravel()) / jnp.maximum(jnp.linalg.norm(b.ravel()), 1e-30))
-
-
-def topk_scores_f64(q, kc, l, scale, tokens):
-    """float64 host scores [n, H, NB] of the listed tokens (SPEC step 3), -inf = no candidate."""
-    import numpy as np
-
-    qt = np.asarray(q[0, tokens].astype("float32"), np.float64)  # [n, HQ, D]
-    k = np.asarray(kc[0].astype("float32"), np.float64)  # [NB, H, D]
-    n, HQ, _ = qt.shape
-    NB, H, _ = k.shape
-    s = scale * (qt.reshape(n, H, HQ // H, -1) @ k.transpose(1, 2, 0)[None])  # [n, H, G, NB]
-    tok = np.asarray(tokens)
-    c = np.arange(NB)
-    vis = (c[None, :] + 1) * l - 1 <= tok[:, None]
-    s = np.where(vis[:, None, None, :], s, -np.inf)
-    m = np.max(s, axis=-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    e = np.where(vis[:, None, None, :], np.exp(s - m), 0.0)
-    z = e.sum(-1, keepdims=True)
-    p = np.where(z > 0, e / np.where(z > 0, z, 1.0), 0.0).mean(axis=2)
-    cur = tok // l
-    forced = (c[None, :] == 0) | (c[None, :] == cur[:, None]) | (c[None, :] == cur[:, None] - 1)
-    p = np.where(forced[:, None, :], 1.0, p)
-    return np.where((c[None, :] <= cur[:, None])[:, None, :], p, -np.inf)
-
-
-def selection_problems(idx, score, tol=1e-6):
-    """Rows of idx [n, H, S] that no tie-tolerant reading of score [n, H, NB] allows."""
-    import numpy as np
-
-    bad = 0
-    n, H, S = idx.shape
-    for i in range(n):
-        for h in range(H):
-            row, sel = score[i, h], idx[i, h]
-            cands = set(np.flatnonzero(row > -np.inf).tolist())
-            k = min(S, len(cands))
-            chosen = sel[:k].tolist()
-            ok = all(c in cands for c in chosen) and len(set(chosen)) == k and np.all(sel[k:] == -1)
-            if ok:
-                worst = min(row[c] for c in chosen) if chosen else np.inf
-                rest = [row[u] for u in cands - set(chosen)]
-                ok = not rest or max(rest) <= worst + tol
-                ok = ok and all(row[b] <= row[a] + tol for a, b in zip(chosen, chosen[1:]))
-            bad += not ok
-    return bad
 
 
 def run(args) -> dict:
@@ -245,16 +149,16 @@ def run(args) -> dict:
             def check_compression():
                 o_x, lse_x = jax.jit(lambda q, kc, vc: XL("nsa_compression")(q, kc, vc, l, scale, None))(q, kc, vc)
                 finite = lambda x: jnp.where(jnp.isfinite(x), x, 0.0)  # noqa: E731
-                return {"o": rel(o_cmp, o_x), "lse": rel(finite(lse), finite(lse_x)),
+                return {"o": rel_err(o_cmp, o_x), "lse": rel_err(finite(lse), finite(lse_x)),
                         "lse_inf_match": bool(jnp.array_equal(jnp.isinf(lse), jnp.isinf(lse_x)))}
 
             guarded(chk, "compression_rel", check_compression)
-            guarded(chk, "selection_rel", lambda: rel(o_slc, jax.jit(
+            guarded(chk, "selection_rel", lambda: rel_err(o_slc, jax.jit(
                 lambda q, k, v, i: XL("apply_native_sparse_attention")(q, k, v, i, None, l, scale, None))(q, k, v, idx)))
-            guarded(chk, "window_rel", lambda: rel(o_swa, jax.jit(
+            guarded(chk, "window_rel", lambda: rel_err(o_swa, jax.jit(
                 lambda q, k, v: XL("sliding_window_attention")(q, k, v, w, scale, None))(q, k, v)))
             # The whole NSA on both paths with the same (Triton) selection.
-            guarded(chk, "nsa_fwd_rel", lambda: rel(
+            guarded(chk, "nsa_fwd_rel", lambda: rel_err(
                 jax.jit(lambda *a: nsa(*a, bi=idx))(q, k, v, g_cmp, g_slc, g_swa),
                 jax.jit(lambda *a: nsa(*a, platform="xla", bi=idx))(q, k, v, g_cmp, g_slc, g_swa)))
             guarded(chk, "nsa_topk_path_equal_given_path", lambda: bool(jnp.array_equal(
@@ -269,14 +173,14 @@ def run(args) -> dict:
                         loss = lambda *a, p=p: jnp.sum(nsa(*a, platform=p, bi=idx).astype(jnp.float32) * r)  # noqa: E731
                         gs.append(jax.jit(jax.grad(loss, argnums=tuple(range(6))))(q, k, v, g_cmp, g_slc, g_swa))
                     for name, a, b in zip(("dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_swa"), *gs):
-                        out[name] = rel(a, b)
+                        out[name] = rel_err(a, b)
                     return out
                 guarded(chk, "nsa_grad_rel", grads)
             log("  checks:", json.dumps({k_: v_ for k_, v_ in chk.items() if k_ != "T"}))
 
         # ---- stage timings (forward, forward+backward), each on its real inputs
         def t(key, f, *a):
-            val = guarded(row, key, lambda: timeit(f, *a, reps=args.reps))
+            val = guarded(row, key, lambda: batched_ms(f, *a, reps=args.reps))
             if val is not None:
                 log(f"  {key:24s} {val:9.3f} ms")
 
@@ -334,7 +238,6 @@ def run(args) -> dict:
                 "noskip": C(base.block_t, base.block_c, base.num_warps, base.num_stages, skip=False),
                 "stages3": C(base.block_t, base.block_c, base.num_warps, 3),
                 "stages1": C(base.block_t, base.block_c, base.num_warps, 1),
-                "prefetch": C(base.block_t, base.block_c, base.num_warps, base.num_stages, prefetch=True),
                 "bt8_w8": C(8, 64, 8, 2),
                 "bc32": C(base.block_t, 32, base.num_warps, base.num_stages),
                 "bc128": C(base.block_t, 128, base.num_warps, base.num_stages),
@@ -348,7 +251,7 @@ def run(args) -> dict:
                     fn_nolse = jax.jit(lambda q, kc, cfg=cfg: triton_topk.nsa_topk_fwd(q, kc, None, S, l, scale, None, cfg))
                     a = (q, kc, lse) if with_lse else (q, kc)
                     f = fn if with_lse else fn_nolse
-                    guarded(rec, "ms", lambda f=f, a=a: timeit(f, *a, reps=args.reps))
+                    guarded(rec, "ms", lambda f=f, a=a: batched_ms(f, *a, reps=args.reps))
                     guarded(rec, "same_as_default", lambda f=f, a=a: bool(np.array_equal(np.asarray(f(*a)), ref_idx)))
                     res["topk_variants"].append(rec)
                     log(f"  topk {rec['variant']:18s} {rec.get('ms', float('nan')):8.3f} ms  same={rec.get('same_as_default')}")

@@ -46,40 +46,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
-import traceback
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for p in (ROOT, os.path.join(ROOT, "benchmarks")):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+from _common import log, median_ms, record_error, write_json  # noqa: E402
 
 HQ, H, D, L, S = 64, 4, 128, 64, 16
 TOL = 1e-3
 RESULTS: dict = {"env": {}, "patterns": [], "rows": [], "hopper": [], "errors": []}
 T0 = time.time()
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def record_error(where: str, e: BaseException):
-    log(f"!! {where}: {type(e).__name__}: {e}")
-    traceback.print_exc()
-    RESULTS["errors"].append({"where": where, "error": f"{type(e).__name__}: {str(e)[:2000]}"})
-
-
-def write_json():
-    out = os.environ.get("OUT")
-    if not out:
-        return
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "sweep_selection.json"), "w") as f:
-        json.dump(RESULTS, f, indent=1, default=str)
 
 
 # ======================================================================================
@@ -134,21 +110,6 @@ def variants(dtype, names=None):
 # ======================================================================================
 # GPU sweep
 # ======================================================================================
-
-
-def bench(f, reps, warmup=1):
-    """Median ms of f() (blocking each call)."""
-    import jax
-
-    for _ in range(warmup):
-        jax.block_until_ready(f())
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(f())
-        ts.append(time.perf_counter() - t)
-    ts.sort()
-    return ts[len(ts) // 2] * 1e3
 
 
 def pattern_stats(idx, T, pattern):
@@ -239,14 +200,14 @@ def run_case(T, pattern, q, k, v, do, idx, cfgs, reps, budget, jit_cache, refere
 
             fb = jit_cache.setdefault((vname, T, "<whole fwd+bwd>"), jax.jit(whole))
             outs = jax.block_until_ready(fb(q, k, v, do, idx))
-            row["fwdbwd_ms"] = bench(lambda: fb(q, k, v, do, idx), reps, warmup=0)
+            row["fwdbwd_ms"] = median_ms(lambda: fb(q, k, v, do, idx), reps=reps, warmup=0)
             # the forward depends on the tiling and the forward kernels' configs only
             fkey = (T, pattern, "<whole fwd>", repr(cfg.tile), repr(cfg.main_fwd), repr(cfg.fallback_fwd))
             if fkey in timings:
                 row["fwd_ms"], row["shared"]["<whole fwd>"] = timings[fkey]
             else:
                 ff = jit_cache.setdefault(fkey[:1] + fkey[2:], jax.jit(fwd))
-                row["fwd_ms"] = bench(lambda: ff(q, k, v, idx), reps)
+                row["fwd_ms"] = median_ms(lambda: ff(q, k, v, idx), reps=reps, warmup=1)
                 timings[fkey] = (row["fwd_ms"], vname)
             if vname == "default":
                 again = jax.block_until_ready(fb(q, k, v, do, idx))
@@ -272,7 +233,7 @@ def run_case(T, pattern, q, k, v, do, idx, cfgs, reps, budget, jit_cache, refere
                 if tkey in timings:
                     row["stages"][name], row["shared"][name] = timings[tkey]
                 else:
-                    row["stages"][name] = bench(lambda: j(*args), reps, warmup=0)
+                    row["stages"][name] = median_ms(lambda: j(*args), reps=reps, warmup=0)
                     timings[tkey] = (row["stages"][name], vname)
                 return out
 
@@ -282,12 +243,12 @@ def run_case(T, pattern, q, k, v, do, idx, cfgs, reps, budget, jit_cache, refere
             fwd_names = ("meta_fwd", "fwd")
             row["bwd_sum_ms"] = sum(t for n, t in row["stages"].items() if n not in fwd_names)
         except Exception as e:
-            record_error(f"{vname} T={T} {pattern}", e)
+            record_error(RESULTS, f"{vname} T={T} {pattern}", e)
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         row["wall_s"] = time.time() - t_start
         log({k: (round(x, 3) if isinstance(x, float) else x) for k, x in row.items()})
         RESULTS["rows"].append(row)
-        write_json()
+        write_json(RESULTS, "sweep_selection.json")
 
 
 def run_sweep(Ts, cfg_names, reps_big, reps_small, budget):
@@ -307,13 +268,13 @@ def run_sweep(Ts, cfg_names, reps_big, reps_small, budget):
             q, k, v, do = bk.make_inputs(T, jnp.bfloat16)
             pats = [("topk", bk.topk_indices(T, k)[0]), ("random", bk.random_indices(T, H))]
         except Exception as e:
-            record_error(f"inputs T={T}", e)
+            record_error(RESULTS, f"inputs T={T}", e)
             continue
         for pattern, idx in pats:
             try:
                 pattern_stats(idx, T, pattern)
             except Exception as e:
-                record_error(f"pattern stats T={T} {pattern}", e)
+                record_error(RESULTS, f"pattern stats T={T} {pattern}", e)
             run_case(T, pattern, q, k, v, do, idx, cfgs, reps_big if T >= 32768 else reps_small, budget,
                      jit_cache, reference, timings)
             reference.pop((T, pattern), None)
@@ -403,7 +364,7 @@ def run_hopper(cfg_names):
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             log(row)
             RESULTS["hopper"].append(row)
-            write_json()
+            write_json(RESULTS, "sweep_selection.json")
 
     for name, cfg in variants(jnp.bfloat16, cfg_names).items():
         kernels_of(cfg, "bf16", D, D, HQ // H, L, name)
@@ -513,10 +474,10 @@ def main():
         log(RESULTS["env"])
         run_sweep([int(t) for t in args.T.split(",") if t], names, args.reps, args.reps_small, args.budget)
     except Exception as e:
-        record_error("main", e)
+        record_error(RESULTS, "main", e)
     finally:
         RESULTS["wall_s"] = time.time() - T0
-        write_json()
+        write_json(RESULTS, "sweep_selection.json")
         summary()
         log(f"\nwall {time.time() - T0:.0f} s")
 

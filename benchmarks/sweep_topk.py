@@ -28,19 +28,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
-import traceback
 
-# Run from a source tree: the repository root on the path (as PYTHONPATH=$PWD does on the GPU).
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import batched_ms, guarded, log, selection_problems, topk_scores_f64  # noqa: E402
 
 SHAPE = dict(B=1, HQ=64, H=4, D=128, block_size=64, S=16, dtype="bfloat16")
-
-
-def log(*a):
-    print(*a, flush=True)
 
 
 def variants(D: int, G: int, S: int, dtype) -> dict:
@@ -73,84 +66,6 @@ def variants(D: int, G: int, S: int, dtype) -> dict:
         "qk+own_lse": (qk, True),
     }
     return out
-
-
-def timeit(f, *args, reps=7, min_ms=25.0):
-    """Median ms per call: warm-up (compile) once, then `reps` batches of back-to-back calls
-    (enough to fill min_ms, which hides the host's dispatch cost)."""
-    import jax
-
-    jax.block_until_ready(f(*args))
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    one = time.perf_counter() - t0
-    inner = max(1, min(200, int(min_ms / 1e3 / max(one, 1e-6))))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = f(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / inner)
-    return statistics.median(times) * 1e3
-
-
-def guarded(record: dict, key: str, fn):
-    """record[key] = fn(), or record[key + '_err'] = the exception (printed)."""
-    try:
-        record[key] = fn()
-        return record[key]
-    except Exception as e:  # keep going: every GPU minute counts
-        record[key + "_err"] = f"{type(e).__name__}: {str(e)[:400]}"
-        log(f"  !! {key}: {type(e).__name__}: {str(e)[:400]}")
-        traceback.print_exc(limit=3)
-        return None
-
-
-def topk_scores_f64(q, kc, l, scale, tokens):
-    """float64 host scores [n, H, NB] of the listed tokens (SPEC step 3), -inf = no candidate."""
-    import numpy as np
-
-    qt = np.asarray(q[0, tokens].astype("float32"), np.float64)  # [n, HQ, D]
-    k = np.asarray(kc[0].astype("float32"), np.float64)  # [NB, H, D]
-    n, HQ, _ = qt.shape
-    NB, H, _ = k.shape
-    s = scale * (qt.reshape(n, H, HQ // H, -1) @ k.transpose(1, 2, 0)[None])  # [n, H, G, NB]
-    tok = np.asarray(tokens)
-    c = np.arange(NB)
-    vis = (c[None, :] + 1) * l - 1 <= tok[:, None]
-    s = np.where(vis[:, None, None, :], s, -np.inf)
-    m = np.max(s, axis=-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    e = np.where(vis[:, None, None, :], np.exp(s - m), 0.0)
-    z = e.sum(-1, keepdims=True)
-    p = np.where(z > 0, e / np.where(z > 0, z, 1.0), 0.0).mean(axis=2)
-    cur = tok // l
-    forced = (c[None, :] == 0) | (c[None, :] == cur[:, None]) | (c[None, :] == cur[:, None] - 1)
-    p = np.where(forced[:, None, :], 1.0, p)
-    return np.where((c[None, :] <= cur[:, None])[:, None, :], p, -np.inf)
-
-
-def selection_problems(idx, score, tol=1e-6):
-    """Rows of idx [n, H, S] that no tie-tolerant reading of score [n, H, NB] allows."""
-    import numpy as np
-
-    bad = 0
-    n, H, S = idx.shape
-    for i in range(n):
-        for h in range(H):
-            row, sel = score[i, h], idx[i, h]
-            cands = set(np.flatnonzero(row > -np.inf).tolist())
-            k = min(S, len(cands))
-            chosen = sel[:k].tolist()
-            ok = all(c in cands for c in chosen) and len(set(chosen)) == k and np.all(sel[k:] == -1)
-            if ok:
-                worst = min(row[c] for c in chosen) if chosen else np.inf
-                rest = [row[u] for u in cands - set(chosen)]
-                ok = not rest or max(rest) <= worst + tol
-                ok = ok and all(row[b] <= row[a] + tol for a, b in zip(chosen, chosen[1:]))
-            bad += not ok
-    return bad
 
 
 def run(args) -> dict:
@@ -195,7 +110,7 @@ def run(args) -> dict:
         kc = jax.jit(lambda k: pool(k, l, None))(k)
         cmp_fn = jax.jit(lambda q, kc: cmp_tr(q, kc, kc, l, scale, None))
         lse = jax.block_until_ready(cmp_fn(q, kc)[1])
-        val = guarded(res["compression_fwd"], str(T), lambda: timeit(cmp_fn, q, kc, reps=args.reps))
+        val = guarded(res["compression_fwd"], str(T), lambda: batched_ms(cmp_fn, q, kc, reps=args.reps))
         if val is not None:
             log(f"  compression fwd       {val:8.3f} ms  (the top-k's target)")
 
@@ -218,7 +133,7 @@ def run(args) -> dict:
             rec.pop("idx", None)
             if out is None:
                 continue
-            guarded(rec, "ms", lambda fn=fn: timeit(fn, q, kc, lse, reps=args.reps))
+            guarded(rec, "ms", lambda fn=fn: batched_ms(fn, q, kc, lse, reps=args.reps))
             ref_name = "default+own_lse" if own else "default"
             if name == ref_name:
                 refs[own] = out
