@@ -28,11 +28,13 @@ from ejnsa._nsa import clamp_counts, topk_slots
 
 try:
     from . import reference as ref
-    from ._util import check_topk, cu_from_lengths, f64, impl_grads, messy_block_indices, rand, rand_gate, rel_err
+    from ._util import (assert_close, check_topk, cu_from_lengths, f64, impl_grads, messy_block_indices, rand,
+                        rand_gate, rel_err)
     from .test_triton_topk import _scores_f64
 except ImportError:  # tests/ is not a package: pytest put it on sys.path
     import reference as ref
-    from _util import check_topk, cu_from_lengths, f64, impl_grads, messy_block_indices, rand, rand_gate, rel_err
+    from _util import (assert_close, check_topk, cu_from_lengths, f64, impl_grads, messy_block_indices, rand,
+                       rand_gate, rel_err)
     from test_triton_topk import _scores_f64
 
 DT = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
@@ -188,6 +190,48 @@ def _check_gpu_selection(idx_tr, idx_x, q, k_cmp, l, scale, S):
     check_topk(got[:, tokens], score, S)
     check_topk(want[:, tokens], score, S)
     assert len(diff) <= max(8, T // 100), f"{len(diff)} of {T} tokens select differently"
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["batch_rows", "packed"])
+def test_nsa_vmap_matches_per_example_calls(varlen):
+    """jax.vmap over an extra leading axis on the Triton path, outputs and gradients (also
+    vmap of grad, and an unmapped gate): equal to calling it on each entry. Without
+    cu_seqlens the launches run the mapped entries as extra batch rows; with it, one by one
+    (ejnsa/triton/_vmap.py)."""
+    lengths = [0, 13, 1, 26] if varlen else None
+    N, B, T, HQ, H, D, l = 2, (1 if varlen else 2), 40, 4, 2, 16, 16
+    rng = np.random.default_rng(21)
+    q, k, v = rand(rng, (N, B, T, HQ, D)), rand(rng, (N, B, T, H, D), scale=3.0), rand(rng, (N, B, T, H, D))
+    g_cmp, g_slc = rand_gate(rng, (N, B, T, HQ)), rand_gate(rng, (N, B, T, HQ))
+    g_swa = rand_gate(rng, (B, T, HQ))  # not mapped
+    cu = None if lengths is None else jnp.asarray(cu_from_lengths(lengths))
+    cot = rand(rng, (N, B, T, HQ, D))
+
+    def nsa(q, k, v, g_cmp, g_slc, g_swa):
+        return ejnsa.native_sparse_attention(q, k, v, g_cmp, g_slc, g_swa, block_counts=3, block_size=l,
+                                             window_size=8, cu_seqlens=cu, platform="triton")
+
+    def loss(q, k, v, g_cmp, g_slc, g_swa, cot):
+        return jnp.sum(nsa(q, k, v, g_cmp, g_slc, g_swa).astype(jnp.float32) * cot)
+
+    axes = (0, 0, 0, 0, 0, None)
+    o = jax.jit(jax.vmap(nsa, in_axes=axes))(q, k, v, g_cmp, g_slc, g_swa)
+    if not varlen:  # the kernels see N * B batch rows
+        assert f"[{N * B},{T},{HQ},{D}]" in str(jax.make_jaxpr(jax.vmap(nsa, in_axes=axes))(q, k, v, g_cmp, g_slc, g_swa))
+    grads = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1, 2, 3)), in_axes=axes + (0,)))(
+        q, k, v, g_cmp, g_slc, g_swa, cot)
+    for i in range(N):
+        args = (q[i], k[i], v[i], g_cmp[i], g_slc[i], g_swa)
+        assert_close(o[i], f64(jax.jit(nsa)(*args)), 1e-6, f"o[{i}]")
+        want = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(*args, cot[i])
+        for name, got, w in zip(("dq", "dk", "dv", "dg_cmp"), grads, want):
+            assert_close(got[i], f64(w), 1e-6, f"{name}[{i}]")
+    # grad of a vmapped sum, and the gradient of the unmapped gate (summed over entries)
+    dg_swa = jax.jit(jax.grad(lambda g: jnp.sum(jax.vmap(loss, in_axes=axes + (0,))(
+        q, k, v, g_cmp, g_slc, g, cot))))(g_swa)
+    want = sum(jax.jit(jax.grad(loss, argnums=5))(q[i], k[i], v[i], g_cmp[i], g_slc[i], g_swa, cot[i])
+               for i in range(N))
+    assert_close(dg_swa, f64(want), 1e-5, "dg_swa")
 
 
 @pytest.mark.gpu

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from .._registry import Backend, Platform, kernel_registry
 from .._varlen import sequence_info, token_info
+from ._vmap import vmappable
 from .window import (
     BandConfigs,
     DkvConfig,
@@ -122,16 +123,24 @@ def _compression(block_size, softmax_scale, configs, query, k_cmp, v_cmp, cu_seq
 
 
 def _compression_fwd(block_size, softmax_scale, configs, query, k_cmp, v_cmp, cu_seqlens):
-    iv = compression_intervals(cu_seqlens, query.shape[1], k_cmp.shape[1], block_size)
-    o, lse2 = band_forward(query, k_cmp, v_cmp, iv, softmax_scale, configs.fwd)
-    return (o, lse2 * LN2), (query, k_cmp, v_cmp, o, lse2, iv)
+    def launch(q, kc, vc, cu):
+        iv = compression_intervals(cu, q.shape[1], kc.shape[1], block_size)
+        return band_forward(q, kc, vc, iv, softmax_scale, configs.fwd)
+
+    o, lse2 = vmappable(launch, "bbbv", "bb")(query, k_cmp, v_cmp, cu_seqlens)
+    return (o, lse2 * LN2), (query, k_cmp, v_cmp, o, lse2, cu_seqlens)
 
 
 def _compression_bwd(block_size, softmax_scale, configs, res, cotangents):
-    query, k_cmp, v_cmp, o, lse2, iv = res
+    query, k_cmp, v_cmp, o, lse2, cu_seqlens = res
     do, dlse = cotangents
     delta = row_delta(o, do) - dlse.astype(jnp.float32)
-    dq, dk, dv = band_backward(query, k_cmp, v_cmp, do, lse2, delta, iv, softmax_scale, configs.dq, configs.dkv)
+
+    def launch(q, kc, vc, do, lse2, delta, cu):
+        iv = compression_intervals(cu, q.shape[1], kc.shape[1], block_size)
+        return band_backward(q, kc, vc, do, lse2, delta, iv, softmax_scale, configs.dq, configs.dkv)
+
+    dq, dk, dv = vmappable(launch, "bbbbbbv", "bbb")(query, k_cmp, v_cmp, do, lse2, delta, cu_seqlens)
     return dq, dk, dv, None
 
 

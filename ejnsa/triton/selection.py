@@ -87,6 +87,7 @@ from jax import lax
 from .._registry import Backend, Platform, kernel_registry
 from .._varlen import cdiv, num_compressed_rows, token_info
 from ._call import triton_call
+from ._vmap import vmappable
 
 # Start of a block that is not one (invalid entries, union padding). Larger than every real
 # start (< B * T), so it sorts last.
@@ -1244,12 +1245,19 @@ def _bwd_run(run, query, key, value, block_indices, block_counts, cu_seqlens, o,
 
 
 def _fwd_impl(query, key, value, block_indices, block_counts, cu_seqlens, block_size, scale, cfg):
-    return _fwd_run(_now, query, key, value, block_indices, block_counts, cu_seqlens, block_size, scale, cfg)
+    def launch(q, k, v, bi, bc, cu):
+        return _fwd_run(_now, q, k, v, bi, bc, cu, block_size, scale, cfg)
+
+    # outputs o, lse and the forward's tiling choice (one per call)
+    return vmappable(launch, "bbbbbv", "bbs")(query, key, value, block_indices, block_counts, cu_seqlens)
 
 
 def _bwd_impl(query, key, value, block_indices, block_counts, cu_seqlens, o, lse, fwd_fb, do, block_size, scale, cfg):
-    return _bwd_run(_now, query, key, value, block_indices, block_counts, cu_seqlens, o, lse, fwd_fb, do,
-                    block_size, scale, cfg)
+    def launch(q, k, v, bi, bc, cu, o, lse, fwd_fb, do):
+        return _bwd_run(_now, q, k, v, bi, bc, cu, o, lse, fwd_fb, do, block_size, scale, cfg)
+
+    return vmappable(launch, "bbbbbvbbsb", "bbb")(query, key, value, block_indices, block_counts, cu_seqlens, o,
+                                                  lse, fwd_fb, do)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))

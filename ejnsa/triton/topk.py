@@ -68,6 +68,7 @@ from .._registry import Backend, Platform, kernel_registry
 from .._varlen import cdiv, sequence_info
 from ..xla import topk as xla_topk
 from ._call import triton_call
+from ._vmap import vmappable
 
 # Largest running list (next_power_of_2(S)) the kernel keeps in registers.
 MAX_SLOTS = 128
@@ -667,34 +668,39 @@ def kernel_constexprs(config: TopkConfig, h: int, hq: int, dk: int, num_selected
 
 def nsa_topk_fwd(query, k_cmp, lse, num_selected, block_size, softmax_scale, cu_seqlens, config=None):
     """int32 [B, T, H, S] block indices via the kernel (no fallback; SP <= MAX_SLOTS)."""
-    batch, seq_len, hq, dk = query.shape
+    _, seq_len, hq, dk = query.shape
     tc, h = k_cmp.shape[1], k_cmp.shape[2]
     if config is None:
         config = TopkConfig.default(dk, hq // h, num_selected, query.dtype)
-    if cu_seqlens is None:
-        tiles = jnp.zeros((1, 4), jnp.int32)  # never read
-        num_tiles = cdiv(seq_len, config.block_t)
-    else:
-        tiles, num_tiles = _tile_table(cu_seqlens, seq_len, block_size, config.block_t)
     use_lse = lse is not None
     kernel, cx = kernel_constexprs(config, h, hq, dk, num_selected, block_size, use_lse, cu_seqlens is not None,
                                    query.dtype)
-    return triton_call(
-        query,
-        k_cmp,
-        lse if use_lse else query,  # a placeholder pointer when lse is computed in the kernel
-        tiles,
-        np.float32(softmax_scale * LOG2E),
-        seq_len,
-        tc,
-        kernel=kernel,
-        out_shape=jax.ShapeDtypeStruct((batch, seq_len, h, num_selected), jnp.int32),
-        grid=(num_tiles, batch * h),
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-        name="nsa_topk_kq_fwd" if config.scheme == "kq" else "nsa_topk_fwd",
-        **cx,
-    )
+
+    def launch(query, k_cmp, lse, cu_seqlens):
+        if cu_seqlens is None:
+            tiles = jnp.zeros((1, 4), jnp.int32)  # never read
+            num_tiles = cdiv(seq_len, config.block_t)
+        else:
+            tiles, num_tiles = _tile_table(cu_seqlens, seq_len, block_size, config.block_t)
+        batch = query.shape[0]
+        return triton_call(
+            query,
+            k_cmp,
+            lse if use_lse else query,  # a placeholder pointer when lse is computed in the kernel
+            tiles,
+            np.float32(softmax_scale * LOG2E),
+            seq_len,
+            tc,
+            kernel=kernel,
+            out_shape=jax.ShapeDtypeStruct((batch, seq_len, h, num_selected), jnp.int32),
+            grid=(num_tiles, batch * h),
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+            name="nsa_topk_kq_fwd" if config.scheme == "kq" else "nsa_topk_fwd",
+            **cx,
+        )
+
+    return vmappable(launch, "bbbv", "b")(query, k_cmp, lse, cu_seqlens)
 
 
 @kernel_registry.register("nsa_topk", Platform.TRITON, Backend.GPU)

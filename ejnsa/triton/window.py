@@ -67,6 +67,7 @@ import triton.language as tl
 from .._registry import Backend, Platform, kernel_registry
 from .._varlen import token_info
 from ._call import triton_call
+from ._vmap import vmappable
 
 LOG2E = math.log2(math.e)
 
@@ -586,15 +587,23 @@ def _window(window_size, softmax_scale, configs, query, key, value, cu_seqlens):
 
 
 def _window_fwd(window_size, softmax_scale, configs, query, key, value, cu_seqlens):
-    iv = window_intervals(cu_seqlens, query.shape[1], window_size)
-    o, lse = band_forward(query, key, value, iv, softmax_scale, configs.fwd)
-    return o, (query, key, value, o, lse, iv)
+    def launch(q, k, v, cu):
+        iv = window_intervals(cu, q.shape[1], window_size)
+        return band_forward(q, k, v, iv, softmax_scale, configs.fwd)
+
+    o, lse = vmappable(launch, "bbbv", "bb")(query, key, value, cu_seqlens)
+    return o, (query, key, value, o, lse, cu_seqlens)
 
 
 def _window_bwd(window_size, softmax_scale, configs, res, do):
-    query, key, value, o, lse, iv = res
+    query, key, value, o, lse, cu_seqlens = res
     delta = row_delta(o, do)
-    dq, dk, dv = band_backward(query, key, value, do, lse, delta, iv, softmax_scale, configs.dq, configs.dkv)
+
+    def launch(q, k, v, do, lse, delta, cu):
+        iv = window_intervals(cu, q.shape[1], window_size)
+        return band_backward(q, k, v, do, lse, delta, iv, softmax_scale, configs.dq, configs.dkv)
+
+    dq, dk, dv = vmappable(launch, "bbbbbbv", "bbb")(query, key, value, do, lse, delta, cu_seqlens)
     return dq, dk, dv, None
 
 
