@@ -91,7 +91,7 @@ def record_error(results: dict, where: str, e: BaseException):
 
 
 def write_json(results: dict, filename: str):
-    """Writes results to $OUT/filename when OUT is set (the device machine's output folder);
+    """Writes results to $OUT/filename when OUT is set (the output folder of a GPU run);
     called after every case, so a run cut short keeps what it measured."""
     import json
 
@@ -120,7 +120,7 @@ def rel_err(a, b) -> float:
 
 
 def topk_scores_f64(q, kc, l, scale, tokens):
-    """float64 host scores [n, H, NB] of the listed tokens of batch row 0 (SPEC step 3);
+    """float64 host scores [n, H, NB] of the listed tokens of batch row 0 (semantics.md piece 3);
     -inf marks a block that is no candidate."""
     import numpy as np
 

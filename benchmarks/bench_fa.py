@@ -2,7 +2,6 @@
 
     python benchmarks/bench_fa.py            # timings vs cuDNN floors at T = 8192, 32768, 65536
     python benchmarks/bench_fa.py --check    # Triton vs the XLA path at T = 4096, 65536 (bf16, fp32)
-    python benchmarks/bench_fa.py --sweep    # per-kernel timings of candidate tile configs at T = 65536
 
 Shapes are the project's anchors: B = 1, HQ = 64, H = 4, D = 128, l = 64, w = 512, bf16.
 Floors, measured in the same process:
@@ -33,7 +32,7 @@ import numpy as np  # noqa: E402
 import ejnsa  # noqa: E402
 
 B, HQ, H, D, L, W = 1, 64, 4, 128, 64, 512
-TARGETS = {  # ratio to the floor the project promises (issue text)
+TARGETS = {  # ratio to the floor the project aims at (docs/benchmarks.md)
     ("window", "fwd"): 1.5, ("window", "fwd+bwd"): 1.5,
     ("compression", "fwd"): 2.0, ("compression", "fwd+bwd"): 2.5,
 }
@@ -174,56 +173,6 @@ def run_check(Ts):
             del q, k, v, kc, vc, do
 
 
-def run_sweep(T=65536):
-    """Per-kernel times of candidate configs (bf16, benchmark shapes): which tiles to make default."""
-    from ejnsa.triton import compression as C
-    from ejnsa.triton import window as Wn
-
-    q, k, v, kc, vc = inputs(T)
-    do = jax.random.normal(jax.random.key(3), (B, T, HQ, D), jnp.float32).astype(jnp.bfloat16)
-    scale = D ** -0.5
-    cases = {
-        "window": (k, v, Wn.window_intervals(None, T, W)),
-        "compression": (kc, vc, C.compression_intervals(None, T, kc.shape[1], L)),
-    }
-    fwd_cfgs = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3)]
-    dq_cfgs = [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3)]
-    dkv_cfgs = [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3)]
-    for name, (kk, vv, iv) in cases.items():
-        o, lse = jax.jit(lambda q, kk, vv: Wn.band_forward(q, kk, vv, iv, scale, Wn.FwdConfig()))(q, kk, vv)
-        delta = Wn.row_delta(o, do)
-        for c in fwd_cfgs:
-            row = dict(mode="sweep", op=name, kernel="fwd", cfg=list(c))
-            try:
-                f = jax.jit(lambda q, kk, vv, c=c: Wn.band_forward(q, kk, vv, iv, scale, Wn.FwdConfig(*c)))
-                row["ms"] = round(median_ms(f, q, kk, vv, reps=10), 3)
-            except Exception as e:
-                row["error"] = repr(e)[:300]
-            log(**row)
-        for c in dq_cfgs:
-            row = dict(mode="sweep", op=name, kernel="dq", cfg=list(c))
-            try:
-                f = jax.jit(lambda q, kk, vv, do, lse, delta, c=c: Wn.band_backward_dq(q, kk, vv, do, lse, delta, iv, scale, Wn.DqConfig(*c)))
-                row["ms"] = round(median_ms(f, q, kk, vv, do, lse, delta, reps=10), 3)
-            except Exception as e:
-                row["error"] = repr(e)[:300]
-            log(**row)
-        splits = [0] if name == "window" else [1024, 2048, 4096]
-        for c in dkv_cfgs:
-            for s in splits:
-                row = dict(mode="sweep", op=name, kernel="dkv", cfg=list(c) + [s])
-                try:
-                    def f(q, kk, vv, do, lse, delta, c=c, s=s):
-                        dk, dv = Wn.band_backward_dkv(q, kk, vv, do, lse, delta, iv, scale, Wn.DkvConfig(*c, split_tokens=s))
-                        if dk.ndim == 5:
-                            dk, dv = Wn.sum_parts(dk, kk.dtype), Wn.sum_parts(dv, vv.dtype)
-                        return dk, dv
-                    row["ms"] = round(median_ms(jax.jit(f), q, kk, vv, do, lse, delta, reps=10), 3)
-                except Exception as e:
-                    row["error"] = repr(e)[:300]
-                log(**row)
-
-
 def table():
     print("\n" + "=" * 100)
     for r in ROWS:
@@ -239,8 +188,6 @@ def table():
         elif r.get("mode") == "check":
             errs = {k: v for k, v in r.items() if k not in ("mode", "op", "T", "dtype", "elapsed_s", "ok")}
             print(f"check {r['op']:12s} T={r['T']:6d} {r['dtype']:9s} {'PASS' if r.get('ok') else 'FAIL'} {errs}")
-        elif r.get("mode") == "sweep":
-            print(f"sweep {r['op']:12s} {r['kernel']:4s} {r['cfg']} {r.get('ms', r.get('error', ''))}")
         else:
             print(r)
 
@@ -248,7 +195,6 @@ def table():
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="compare with the XLA path instead of timing")
-    ap.add_argument("--sweep", action="store_true", help="time candidate tile configs per kernel")
     ap.add_argument("--T", type=int, nargs="*", help="sequence lengths (default per mode)")
     ap.add_argument("--small", action="store_true",
                     help="tiny heads (HQ=4, H=2, D=32, l=16, w=16): a CPU smoke test under TRITON_INTERPRET=1")
@@ -259,26 +205,24 @@ def main():
     print(f"jax {jax.__version__}, devices {jax.devices()}", flush=True)
     try:
         from ejnsa.triton import compression as C
-        from ejnsa.triton import window as Wn
+        from ejnsa.triton.band import BandConfigs
 
         q = jax.ShapeDtypeStruct((B, 65536, HQ, D), jnp.bfloat16)
         kc = jax.ShapeDtypeStruct((B, 65536 // L, H, D), jnp.bfloat16)
-        log(mode="configs", window=repr(Wn.default_configs(D, D, jnp.bfloat16)),
+        log(mode="configs", window=repr(BandConfigs.default(D, D, jnp.bfloat16)),
             compression_T65536=repr(C.default_configs(q, kc, kc)))
     except Exception as e:
         log(mode="configs", error=repr(e)[:300])
     try:
         if args.check:
             run_check(args.T or [4096, 65536])
-        elif args.sweep:
-            run_sweep((args.T or [65536])[0])
         else:
             run_timings(args.T or [8192, 32768, 65536])
     finally:
         table()
         out = os.environ.get("OUT")
         if out:
-            name = "bench_fa_check.json" if args.check else "bench_fa_sweep.json" if args.sweep else "bench_fa.json"
+            name = "bench_fa_check.json" if args.check else "bench_fa.json"
             with open(os.path.join(out, name), "w") as f:
                 json.dump(ROWS, f, indent=1)
 

@@ -1,13 +1,10 @@
 """Selected and sliding-window attention kernels against their dense-equivalent cuDNN floors.
 
-On the GPU machine (H100), from the repository root:
+On a GPU, from the repository root:
 
     python3 benchmarks/bench_kernels.py                 # timings, T = 8192, 32768, 65536
     python3 benchmarks/bench_kernels.py --check         # correctness vs the XLA path first
     python3 benchmarks/bench_kernels.py --check-only    # correctness only
-
-Selection configurations are compared stage by stage by benchmarks/sweep_selection.py,
-which also compiles every configuration for sm_90 without a GPU (--hopper).
 
 Shapes: B = 1, HQ = 64, H = 4, D = 128, l = 64, S = 16, w = 512, bf16. The floors are
 `jax.nn.dot_product_attention(..., implementation="cudnn")` with the same FLOPs: a causal
@@ -19,8 +16,7 @@ Selection runs on two index patterns, labelled honestly:
 - "random": forced blocks {0, t // l, t // l - 1} plus uniformly random visible blocks per
   token: tokens share only the forced blocks (the worst case for token tiles).
 
-Per case: median ms of forward and of forward+backward (jax.grad of a sum, like
-/work/shared/anchors), the ratio to the floor, and the XLA buffer footprint of the jitted
+Per case: median ms of forward and of forward+backward (jax.grad of a sum), the ratio to the floor, and the XLA buffer footprint of the jitted
 forward+backward (arguments + outputs + temporaries, from `memory_analysis`; it includes
 cuDNN's workspace and every kernel output) with its ratio to the floor's. Each case is
 guarded: an exception is printed and recorded, and the run goes on. A short table comes
@@ -117,52 +113,47 @@ def topk_indices(T, k, seed=2):
 
 
 def pattern_stats(idx, name, T):
-    """Mean union sizes per tile of each tiling, and the tiling dk/dv picks."""
+    """Mean union size per forward tile, and the time of the XLA index metadata alone
+    (the forward's tile unions; the backward's token lists), to see what the kernels'
+    totals include."""
     import jax
     import jax.numpy as jnp
 
     from ejnsa.triton import selection as sel
+    from ejnsa.triton import selection_index as index
 
     G = HQ // H
-    tile = sel.TileConfig.default(D, D, jnp.bfloat16)
-    main, fb = sel._Plan.make(G, tile.rows_main), sel._Plan.make(G, tile.rows_fallback)
+    cfg = sel.SelectionConfig.default(D, D, G, L, jnp.bfloat16)
+    plan = sel._Plan.make(G, cfg.fwd.rows)
 
     @jax.jit
     def stats(idx):
-        starts = sel._block_starts(idx, None, L, None)
-        cm = sel._tile_union(starts, main.bt)[1]
-        cf = sel._tile_union(starts, fb.bt)[1]
-        valid = jnp.sum(starts != sel.SENT) / starts[..., 0].size
-        return jnp.mean(cm.astype(jnp.float32)), jnp.mean(cf.astype(jnp.float32)), valid
+        starts = index.block_starts(idx, None, L, None)
+        count = index.tile_union(starts, plan.bt)[1]
+        valid = jnp.sum(starts != index.SENT) / starts[..., 0].size
+        return jnp.mean(count.astype(jnp.float32)), valid
 
-    um, uf, valid = (float(x) for x in stats(idx))
-    choice = sel.tiling_choices(idx, None, L, None, G, tile)[1]
+    union, valid = (float(x) for x in stats(idx))
 
-    # XLA metadata alone: the forward's (main tiles) and the backward's (both tilings and
-    # the inverse index of the one dk/dv uses), to see what the kernels' totals include.
     @jax.jit
     def meta_fwd(idx):
-        return sel._tile_union(sel._block_starts(idx, None, L, None), main.bt)
+        return index.tile_union(index.block_starts(idx, None, L, None), plan.bt)
 
     @jax.jit
     def meta_bwd(idx):
-        starts = sel._block_starts(idx, None, L, None)
-        rows = sel._block_rows(1, T, L, None)
-        tm, tf = sel._tile_union(starts, main.bt), sel._tile_union(starts, fb.bt)
-        bound = T * H * S
-        seg = sel._segment_length(bound, L, D, D, sel.DkvConfig.default(D, D, main.rows, L, jnp.bfloat16))
-        return tm, tf, sel._inverse_index(tm[0], rows[0], seg, bound)
+        seg = sel.dkv_segment(jax.ShapeDtypeStruct((1, T, HQ, D), jnp.bfloat16),
+                              jax.ShapeDtypeStruct((1, T, H, D), jnp.bfloat16),
+                              jax.ShapeDtypeStruct((1, T, H, D), jnp.bfloat16), idx, L, cfg.dkv)
+        rows = index.block_rows(1, T, L, None)
+        return index.token_lists(idx, None, L, None, rows[0], seg)
 
     try:
         t_fwd, t_bwd = median_ms(meta_fwd, idx, reps=5), median_ms(meta_bwd, idx, reps=5)
     except Exception as e:
         record_error(RESULTS, f"metadata timing {name}", e)
         t_fwd = t_bwd = None
-    row = {"T": T, "pattern": name, "valid_entries_per_token": valid,
-           f"union_per_tile_bt{main.bt}": um, f"union_per_tile_bt{fb.bt}": uf,
-           "blocks_loaded_per_token_main": um / main.bt,
-           "dkv_tiling": None if choice is None else ("fallback" if bool(choice) else "main"),
-           "meta_fwd_ms": t_fwd, "meta_bwd_ms": t_bwd}
+    row = {"T": T, "pattern": name, "valid_entries_per_token": valid, f"union_per_tile_bt{plan.bt}": union,
+           "blocks_loaded_per_token": union / plan.bt, "meta_fwd_ms": t_fwd, "meta_bwd_ms": t_bwd}
     log("pattern", row)
     RESULTS["patterns"].append(row)
 

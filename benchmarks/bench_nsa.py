@@ -1,7 +1,7 @@
 """GPU benchmark of ejnsa's Triton NSA: stage by stage and in total, against cuDNN.
 
-One process, one GPU, bf16, B=1, HQ=64, H=4, D=128, l=64, S=16, w=512 (GPU.md's anchor
-shape), at T in {8192, 32768, 65536}:
+One process, one GPU, bf16, B=1, HQ=64, H=4, D=128, l=64, S=16, w=512 (the anchor shape of
+docs/benchmarks.md), at T in {8192, 32768, 65536}:
 
 - correctness at this scale first: top-k selections against the XLA top-k (identical
   except at float32 near-ties, which are verified in float64 on the host), compression,
@@ -10,12 +10,11 @@ shape), at T in {8192, 32768, 65536}:
 - the forward and forward+backward time of every stage (mean pooling, compression,
   top-k, selection, window, gating), each timed alone under jit on its real inputs
   (indices from the top-k, etc.), and of the whole three-branch NSA;
-- cuDNN dense causal attention and the dense-equivalent floor of GPU.md (cuDNN sliding
+- cuDNN dense causal attention and the dense-equivalent floor (cuDNN sliding
   window S*l = 1024 for selection, window 512, half of a T x T/l full attention for
-  compression);
-- the top-k kernel under a few alternative tilings (for choosing the default).
+  compression).
 
-Inputs (`--inputs`): "random" (q, k, v i.i.d. normal, as in GPU.md's anchors: every token's
+Inputs (`--inputs`): "random" (q, k, v i.i.d. normal, as in the anchors: every token's
 query is unrelated to its neighbours', so top-k picks nearly independent blocks per token,
 the worst case for sharing loads across tokens) or "coherent" (queries vary slowly along
 T, q_t = base(t // 64) + 0.1 * noise, as neighbouring tokens' queries do in a trained
@@ -26,7 +25,7 @@ Every case is guarded: an exception is printed and recorded, and the run goes on
 table comes last; the full results go to JSON ($OUT/bench_nsa.json, or --out FILE).
 
     python benchmarks/bench_nsa.py                          # on the GPU
-    python benchmarks/bench_nsa.py --T 8192 --no-variants   # quicker
+    python benchmarks/bench_nsa.py --T 8192 --no-check     # quicker
     python benchmarks/bench_nsa.py --plot bench_nsa.json docs/bench_nsa.png   # CPU, matplotlib
 """
 
@@ -61,9 +60,8 @@ def run(args) -> dict:
 
     import ejnsa
     from ejnsa import Backend, Platform, kernel_registry
-    from ejnsa.triton import topk as triton_topk
 
-    res = {"shape": SHAPE, "inputs": args.inputs, "env": {}, "rows": [], "checks": [], "topk_variants": []}
+    res = {"shape": SHAPE, "inputs": args.inputs, "env": {}, "rows": [], "checks": []}
     env = res["env"]
     env.update(python=sys.version.split()[0], jax=jax.__version__, devices=str(jax.devices()),
                device_kind=jax.devices()[0].device_kind)
@@ -101,6 +99,21 @@ def run(args) -> dict:
         res["rows"].append(row)
         res["checks"].append(chk)
 
+        kw = dict(block_counts=S, block_size=l, window_size=w, softmax_scale=scale)
+
+        def nsa(q, k, v, gc, gs, gw, platform="triton", bi=None):
+            return ejnsa.native_sparse_attention(q, k, v, gc, gs, gw, block_indices=bi, platform=platform, **kw)
+
+        def t(key, f, *a):
+            val = guarded(row, key, lambda: batched_ms(f, *a, reps=args.reps))
+            if val is not None:
+                log(f"  {key:24s} {val:9.3f} ms")
+
+        if args.nsa_only:
+            t("nsa_fwd", jax.jit(nsa), q, k, v, g_cmp, g_slc, g_swa)
+            t("nsa_fwdbwd", jax.jit(jax.grad(lambda *a: f32sum(nsa(*a)), argnums=tuple(range(6)))), q, k, v, g_cmp, g_slc, g_swa)
+            continue
+
         # ---- real inputs of every stage, computed once
         kc, vc = jax.jit(lambda k, v: (pool(k, l, None), pool(v, l, None)))(k, v)
         cmp_fn = jax.jit(lambda q, kc, vc: TR("nsa_compression")(q, kc, vc, l, scale, None))
@@ -118,11 +131,6 @@ def run(args) -> dict:
             log(f"  !! stage inputs: {type(e).__name__}: {str(e)[:400]}")
             traceback.print_exc(limit=3)
             chk["inputs_err"] = repr(e)[:400]
-
-        kw = dict(block_counts=S, block_size=l, window_size=w, softmax_scale=scale)
-
-        def nsa(q, k, v, gc, gs, gw, platform="triton", bi=None):
-            return ejnsa.native_sparse_attention(q, k, v, gc, gs, gw, block_indices=bi, platform=platform, **kw)
 
         # ---- correctness at scale
         if not args.no_check and idx is not None:
@@ -179,11 +187,6 @@ def run(args) -> dict:
             log("  checks:", json.dumps({k_: v_ for k_, v_ in chk.items() if k_ != "T"}))
 
         # ---- stage timings (forward, forward+backward), each on its real inputs
-        def t(key, f, *a):
-            val = guarded(row, key, lambda: batched_ms(f, *a, reps=args.reps))
-            if val is not None:
-                log(f"  {key:24s} {val:9.3f} ms")
-
         t("pool_fwd", jax.jit(lambda k, v: (pool(k, l, None), pool(v, l, None))), k, v)
         t("pool_fwdbwd", jax.jit(jax.grad(lambda k, v: f32sum(pool(k, l, None)) + f32sum(pool(v, l, None)), argnums=(0, 1))), k, v)
         t("cmp_fwd", cmp_fn, q, kc, vc)
@@ -229,32 +232,6 @@ def run(args) -> dict:
             if all(x is not None for x in vals):
                 row[f"stages_sum_{m}"] = sum(vals)
 
-        # ---- top-k tilings (the default's alternatives)
-        if not args.no_variants and lse is not None and T == max(args.T):
-            C = triton_topk.TopkConfig
-            base = C.default(D, HQ // H, S, dt)
-            variants = {
-                "default": base,
-                "noskip": C(base.block_t, base.block_c, base.num_warps, base.num_stages, skip=False),
-                "stages3": C(base.block_t, base.block_c, base.num_warps, 3),
-                "stages1": C(base.block_t, base.block_c, base.num_warps, 1),
-                "bt8_w8": C(8, 64, 8, 2),
-                "bc32": C(base.block_t, 32, base.num_warps, base.num_stages),
-                "bc128": C(base.block_t, 128, base.num_warps, base.num_stages),
-                "w8": C(base.block_t, base.block_c, 8, base.num_stages),
-            }
-            ref_idx = np.asarray(idx)
-            for name, cfg in variants.items():
-                for with_lse in (True, False) if name == "default" else (True,):
-                    rec = {"T": T, "variant": name + ("" if with_lse else "+own_lse"), "config": str(cfg)}
-                    fn = jax.jit(lambda q, kc, lse, cfg=cfg: triton_topk.nsa_topk_fwd(q, kc, lse, S, l, scale, None, cfg))
-                    fn_nolse = jax.jit(lambda q, kc, cfg=cfg: triton_topk.nsa_topk_fwd(q, kc, None, S, l, scale, None, cfg))
-                    a = (q, kc, lse) if with_lse else (q, kc)
-                    f = fn if with_lse else fn_nolse
-                    guarded(rec, "ms", lambda f=f, a=a: batched_ms(f, *a, reps=args.reps))
-                    guarded(rec, "same_as_default", lambda f=f, a=a: bool(np.array_equal(np.asarray(f(*a)), ref_idx)))
-                    res["topk_variants"].append(rec)
-                    log(f"  topk {rec['variant']:18s} {rec.get('ms', float('nan')):8.3f} ms  same={rec.get('same_as_default')}")
         del q, k, v, kc, vc, o_cmp, lse, idx, o_slc, o_swa
     return res
 
@@ -285,10 +262,6 @@ def summarize(res) -> str:
             lines.append(f"target {name} >= {want}: {got:.2f}  {'MET' if got >= want else 'MISSED'}")
     for c in res["checks"]:
         lines.append("check " + json.dumps(c))
-    if res["topk_variants"]:
-        lines.append("\ntop-k variants (ms):")
-        for v in res["topk_variants"]:
-            lines.append(f"  T={v['T']:<6d} {v['variant']:18s} {v.get('ms', float('nan')):8.3f}  same={v.get('same_as_default')}  {v.get('ms_err', '')}")
     return "\n".join(lines)
 
 
@@ -334,7 +307,8 @@ def main() -> None:
                    help="random q/k/v, or queries coherent along T (see the module docstring)")
     p.add_argument("--out", help="JSON file (default $OUT/bench_nsa.json when $OUT is set)")
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
-    p.add_argument("--no-variants", action="store_true", help="skip the top-k tiling variants")
+    p.add_argument("--nsa-only", action="store_true",
+                   help="time only the whole NSA (forward, forward+backward): for comparing two versions")
     p.add_argument("--plot", nargs=2, metavar=("RESULTS_JSON", "OUT_PNG"), help="draw the chart and exit (CPU)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny shape through Triton's CPU interpreter: exercises this script, times nothing real")

@@ -1,7 +1,6 @@
 """ejnsa: Native Sparse Attention (DeepSeek NSA, arXiv 2502.11089) for JAX."""
 
 from importlib import metadata as _metadata
-from importlib import util as _util
 
 from ._api import apply_native_sparse_attention as apply_native_sparse_attention
 from ._api import mean_pooling as mean_pooling
@@ -12,12 +11,20 @@ from ._api import sliding_window_attention as sliding_window_attention
 from ._registry import Backend as Backend
 from ._registry import Platform as Platform
 from ._registry import kernel_registry as kernel_registry
+from ._registry import Unsupported as Unsupported
 from . import xla as xla  # registers the XLA implementations
 
 # The Triton kernels register themselves for GPUs; importing them needs the triton
-# package (Linux only) but neither a GPU nor jax_triton, which is imported at launch.
-if _util.find_spec("triton") is not None:
+# package (the `cuda` extra) but neither a GPU nor jax_triton, which is imported at
+# launch. Without triton ejnsa runs its XLA implementations, and platform="triton" says
+# what to install.
+try:
     from . import triton as triton  # noqa: F401
+except ImportError as _e:
+    if _e.name != "triton":  # installed but broken: say so when Triton is asked for
+        kernel_registry.set_missing(
+            Platform.TRITON, f"ejnsa.triton failed to import ({_e}); reinstall with pip install 'ejnsa[cuda]'"
+        )
 
 try:
     __version__ = _metadata.version("ejnsa")
@@ -27,6 +34,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree
 __all__ = [
     "Backend",
     "Platform",
+    "Unsupported",
     "apply_native_sparse_attention",
     "kernel_registry",
     "mean_pooling",

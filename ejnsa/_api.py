@@ -2,68 +2,15 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from . import _validate as V
 from ._nsa import clamp_counts, topk_slots
-from ._registry import Backend, Platform, kernel_registry
+from ._registry import Platform, kernel_registry
 from ._varlen import num_compressed_rows
 
 PlatformArg = Platform | str | None
-
-
-def _current_backend() -> Backend:
-    name = jax.default_backend()
-    if name in ("gpu", "cuda", "rocm"):
-        return Backend.GPU
-    if name == "tpu":
-        return Backend.TPU
-    return Backend.CPU
-
-
-def _triton_bridge():
-    """ejnsa.triton._call, or None where Triton is not installed."""
-    try:
-        from .triton import _call
-    except ImportError:
-        return None
-    return _call
-
-
-def _has(name: str, platform: Platform) -> bool:
-    return any(s.platform == platform for s in kernel_registry.list(name))
-
-
-def resolve(name: str, platform: PlatformArg):
-    """The implementation of `name` that `platform` asks for.
-
-    None / "auto": Triton when a CUDA GPU with jax-triton is present and the operation
-    has a Triton kernel, else XLA. ("auto" never picks Triton's CPU interpreter: it is
-    for testing kernel logic, orders of magnitude slower than XLA.) "triton" on a
-    machine that cannot run Triton kernels raises RuntimeError saying why.
-    """
-    if platform is None or (isinstance(platform, str) and platform.lower() == "auto"):
-        bridge = _triton_bridge()
-        if bridge is not None and _has(name, Platform.TRITON) and bridge.gpu_available():
-            return kernel_registry.get(name, Platform.TRITON, Backend.GPU)
-        return kernel_registry.get(name, Platform.XLA, _current_backend())
-    if isinstance(platform, str):
-        try:
-            platform = Platform(platform.lower())
-        except ValueError:
-            raise ValueError(f"platform must be None, 'auto', 'xla' or 'triton', got {platform!r}") from None
-    if not isinstance(platform, Platform):
-        raise TypeError(f"platform must be None, a str or an ejnsa.Platform, got {type(platform).__name__}")
-    if platform == Platform.TRITON:
-        bridge = _triton_bridge()
-        if bridge is None:
-            raise RuntimeError(f"{name}(platform='triton') needs the triton package, which is not installed")
-        bridge.require_triton(name)
-        # Under Triton's CPU interpreter the GPU kernels run as they are.
-        return kernel_registry.get(name, Platform.TRITON, Backend.GPU)
-    return kernel_registry.get(name, Platform.XLA, _current_backend())
 
 
 def native_sparse_attention(
@@ -108,8 +55,8 @@ def native_sparse_attention(
         block_indices = V.check_block_indices(block_indices, query, key)
     scale = V.check_softmax_scale(softmax_scale, query.shape[-1])
     cu_seqlens = V.check_cu_seqlens(cu_seqlens, query.shape[0])
-    fn = resolve("native_sparse_attention", platform)
-    return fn(query, key, value, g_cmp, g_slc, g_swa, block_indices, block_counts, block_size, window_size, scale, cu_seqlens)
+    return kernel_registry.call("native_sparse_attention", query, key, value, g_cmp, g_slc, g_swa, block_indices,
+                                block_counts, block_size, window_size, scale, cu_seqlens, platform=platform)
 
 
 def apply_native_sparse_attention(
@@ -136,8 +83,8 @@ def apply_native_sparse_attention(
     scale = V.check_softmax_scale(softmax_scale, query.shape[-1])
     cu_seqlens = V.check_cu_seqlens(cu_seqlens, query.shape[0])
     counts = clamp_counts(block_counts, block_indices.shape[-1])
-    fn = resolve("apply_native_sparse_attention", platform)
-    return fn(query, key, value, block_indices, counts, block_size, scale, cu_seqlens)
+    return kernel_registry.call("apply_native_sparse_attention", query, key, value, block_indices, counts, block_size,
+                                scale, cu_seqlens, platform=platform)
 
 
 def mean_pooling(
@@ -151,7 +98,7 @@ def mean_pooling(
     V.check_pooling_input(x)
     block_size = V.check_block_size(block_size)
     cu_seqlens = V.check_cu_seqlens(cu_seqlens, x.shape[0])
-    return kernel_registry.get("mean_pooling", Platform.XLA, Backend.ANY)(x, block_size, cu_seqlens)
+    return kernel_registry.call("mean_pooling", x, block_size, cu_seqlens)
 
 
 def _min_rows(query, block_size: int, cu_seqlens) -> int:
@@ -176,8 +123,7 @@ def nsa_compression(
     cu_seqlens = V.check_cu_seqlens(cu_seqlens, query.shape[0])
     V.check_compressed(k_cmp, v_cmp, query, _min_rows(query, block_size, cu_seqlens))
     scale = V.check_softmax_scale(softmax_scale, query.shape[-1])
-    fn = resolve("nsa_compression", platform)
-    return fn(query, k_cmp, v_cmp, block_size, scale, cu_seqlens)
+    return kernel_registry.call("nsa_compression", query, k_cmp, v_cmp, block_size, scale, cu_seqlens, platform=platform)
 
 
 def nsa_topk(
@@ -203,8 +149,7 @@ def nsa_topk(
     counts = V.check_block_counts(block_counts, query, k_cmp)
     scale = V.check_softmax_scale(softmax_scale, query.shape[-1])
     slots = topk_slots(counts, query.shape[1], block_size)
-    fn = resolve("nsa_topk", platform)
-    idx = fn(query, k_cmp, None, slots, block_size, scale, cu_seqlens)
+    idx = kernel_registry.call("nsa_topk", query, k_cmp, None, slots, block_size, scale, cu_seqlens, platform=platform)
     counts = clamp_counts(counts, slots)
     if counts is not None:
         idx = jnp.where(jnp.arange(slots) < counts[..., None], idx, -1)
@@ -227,5 +172,5 @@ def sliding_window_attention(
         raise ValueError(f"window_size must be >= 1 for sliding_window_attention, got {window_size}")
     scale = V.check_softmax_scale(softmax_scale, query.shape[-1])
     cu_seqlens = V.check_cu_seqlens(cu_seqlens, query.shape[0])
-    fn = resolve("sliding_window_attention", platform)
-    return fn(query, key, value, window_size, scale, cu_seqlens)
+    return kernel_registry.call("sliding_window_attention", query, key, value, window_size, scale, cu_seqlens,
+                                platform=platform)

@@ -1,9 +1,10 @@
 """The NSA pipeline: pooling -> compression -> top-k -> selection -> window -> gating.
 
-One composition serves every platform: each piece is looked up in the kernel registry
-for the platform the pipeline was built for, while mean pooling and the gated sum stay
-in XLA (cheap, fusable, differentiated by JAX). `register_pipeline` registers the
-composition as the platform's "native_sparse_attention".
+One composition serves every platform: each piece runs through the kernel registry with
+the platform the pipeline was built for (so a piece that platform cannot serve falls back
+by the registry's policy), while mean pooling and the gated sum stay in XLA (cheap,
+fusable, differentiated by JAX). `register_pipeline` registers the composition as the
+platform's "native_sparse_attention".
 """
 
 from __future__ import annotations
@@ -50,24 +51,28 @@ def native_sparse_attention_pipeline(
     cu_seqlens,
     *,
     platform: Platform,
-    backend: Backend,
 ):
     """Validated arguments in, o [B, T, HQ, Dv] out (query's dtype)."""
-    piece = functools.partial(kernel_registry.get, platform=platform, backend=backend)
-    pool = kernel_registry.get("mean_pooling", Platform.XLA, Backend.ANY)
+    def piece(name, *args):
+        return kernel_registry.call(name, *args, platform=platform)
+
+    def pool(x):
+        return kernel_registry.call("mean_pooling", x, block_size, cu_seqlens)
+
     seq_len = query.shape[1]
 
     o_cmp = None
     if g_cmp is not None or block_indices is None:
-        k_cmp = pool(key, block_size, cu_seqlens)
+        k_cmp = pool(key)
         lse = None
         if g_cmp is not None:
-            v_cmp = pool(value, block_size, cu_seqlens)
-            o_cmp, lse = piece("nsa_compression")(query, k_cmp, v_cmp, block_size, softmax_scale, cu_seqlens)
+            v_cmp = pool(value)
+            o_cmp, lse = piece("nsa_compression", query, k_cmp, v_cmp, block_size, softmax_scale, cu_seqlens)
         if block_indices is None:
-            # Selection is not differentiable (SPEC step 3): no gradient through the scores.
+            # Selection is not differentiable (semantics.md piece 3): no gradient through the scores.
             slots = topk_slots(block_counts, seq_len, block_size)
-            block_indices = piece("nsa_topk")(
+            block_indices = piece(
+                "nsa_topk",
                 jax.lax.stop_gradient(query),
                 jax.lax.stop_gradient(k_cmp),
                 None if lse is None else jax.lax.stop_gradient(lse),
@@ -78,8 +83,8 @@ def native_sparse_attention_pipeline(
             )
 
     counts = clamp_counts(block_counts, block_indices.shape[-1])
-    o_slc = piece("apply_native_sparse_attention")(
-        query, key, value, block_indices, counts, block_size, softmax_scale, cu_seqlens
+    o_slc = piece(
+        "apply_native_sparse_attention", query, key, value, block_indices, counts, block_size, softmax_scale, cu_seqlens
     )
 
     def gated(o, g):
@@ -89,12 +94,12 @@ def native_sparse_attention_pipeline(
     if o_cmp is not None:
         o = o + gated(o_cmp, g_cmp)
     if window_size > 0:
-        o_swa = piece("sliding_window_attention")(query, key, value, window_size, softmax_scale, cu_seqlens)
+        o_swa = piece("sliding_window_attention", query, key, value, window_size, softmax_scale, cu_seqlens)
         o = o + gated(o_swa, g_swa)
     return o.astype(query.dtype)
 
 
 def register_pipeline(platform: Platform, backend: Backend) -> None:
-    fn = functools.partial(native_sparse_attention_pipeline, platform=platform, backend=backend)
+    fn = functools.partial(native_sparse_attention_pipeline, platform=platform)
     functools.update_wrapper(fn, native_sparse_attention_pipeline)
     kernel_registry.register("native_sparse_attention", platform, backend)(fn)

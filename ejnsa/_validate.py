@@ -1,4 +1,4 @@
-"""Argument checks for the public functions (SPEC "Bad input").
+"""Argument checks for the public functions (docs/semantics.md, "Bad input").
 
 Everything visible at trace time (ranks, shapes, dtypes, static ints) is checked here
 and reported as ValueError (TypeError for a wrong dtype or Python type) naming the

@@ -208,7 +208,7 @@ class RecallTask:
             q = n - 2 * p + 2 * np.arange(p)  # query slots at the end
             seq[b, q], seq[b, q + 1] = keys[order], values[order]
             mask[b, q] = 1.0  # target at input position q is seq[q + 1], the value
-            # NSA always selects block 0 (SPEC step 3), so a pair there is reachable without
+            # NSA always selects block 0 (semantics.md piece 3), so a pair there is reachable without
             # any learned selection; "far" queries have their pair wholly outside it.
             far[b, q] = starts[order] >= self.block_size
         if with_far:

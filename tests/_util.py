@@ -17,7 +17,7 @@ except ImportError:  # tests/ is not a package: pytest put it on sys.path
 # float32 is the real correctness check (an honest float32 computation is near 2e-7 here);
 # for bf16/fp16 the output (and each gradient) is rounded to the input dtype once, worth
 # about 1.7e-3 / 2e-4 relative (rms) on random data, so these leave 5-10x that and nothing
-# more: accumulating in the low precision (SPEC: accumulation is float32) does not pass.
+# more: accumulating in the low precision (docs/semantics.md: accumulation is float32) does not pass.
 TOL_OUT = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
 TOL_GRAD = {jnp.float32: 2e-5, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
 # Two reference top-k scores closer than this are a tie the implementation may break either
@@ -208,6 +208,40 @@ def impl_grads(fn, diff_args, cotangent):
     grads = jax.jit(jax.grad(loss, argnums=tuple(range(len(names)))))(
         *[diff_args[n] for n in names])
     return dict(zip(names, grads))
+
+
+def dense_grads(q, k, v, weight, scale, do, dlse=None):
+    """float64 (o, lse, dq, dk, dv) of weighted softmax attention, closed form.
+
+    Query (b, t, hq) attends key j with weight weight[b, t, hq, j] (0: not at all; 2: its
+    key counts twice); a [B, T, J] weight (or boolean mask) is the same for every head.
+    dS = P * (dP - rowsum(P * dP) + dlse); every test that uses this checks it once against
+    jax.grad of its reference.
+    """
+    q, k, v, do = (f64(x) for x in (q, k, v, do))
+    B, T, HQ, _ = q.shape
+    J, H = k.shape[1], k.shape[2]
+    G = HQ // H
+    w = np.asarray(weight, np.float64)
+    w = np.broadcast_to(w[:, :, None, :] if w.ndim == 3 else w, (B, T, HQ, J))
+    kr, vr = np.repeat(k, G, axis=2), np.repeat(v, G, axis=2)
+    s = np.where(w > 0, scale * np.einsum("bthd,bjhd->bthj", q, kr), -np.inf)
+    mx = np.max(s, axis=-1, keepdims=True)
+    mx = np.where(np.isfinite(mx), mx, 0.0)
+    e = np.where(w > 0, w * np.exp(s - mx), 0.0)
+    den = e.sum(-1, keepdims=True)
+    p = e / np.where(den > 0, den, 1.0)
+    o = np.einsum("bthj,bjhd->bthd", p, vr)
+    lse = np.where(den[..., 0] > 0, mx[..., 0] + np.log(np.where(den[..., 0] > 0, den[..., 0], 1.0)), -np.inf)
+    dp = np.einsum("bthd,bjhd->bthj", do, vr)
+    shift = (p * dp).sum(-1, keepdims=True)
+    if dlse is not None:
+        shift = shift - f64(dlse)[..., None]
+    ds = p * (dp - shift)
+    dq = scale * np.einsum("bthj,bjhd->bthd", ds, kr)
+    dk = scale * np.einsum("bthj,bthd->bjhd", ds, q).reshape(B, J, H, G, -1).sum(3)
+    dv = np.einsum("bthj,bthd->bjhd", p, do).reshape(B, J, H, G, -1).sum(3)
+    return o, lse, dq, dk, dv
 
 
 def assert_grads_close(got, want, tol, where=""):

@@ -2,7 +2,7 @@
 
 Without --gpu (CI, any CPU machine) the Triton kernels run under Triton's interpreter,
 which must be switched on before triton decorates any kernel, so it is set here, before
-ejnsa is imported by any test module. With --gpu (the device machine) the real kernels
+ejnsa is imported by any test module. With --gpu (a GPU machine) the real kernels
 run and the tests marked `gpu` (large sizes) are enabled as well.
 """
 

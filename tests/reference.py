@@ -1,16 +1,16 @@
-"""Dense, float64 reference for every piece of SPEC.md, written from its text alone.
+"""Dense, float64 reference for every piece of docs/semantics.md, written from its text alone.
 
 Nothing here is fast or clever: every piece builds an explicit mask (or key multiplicity) over
 all (query token, key token) pairs and runs a plain masked softmax. The same code runs on
 NumPy (`xp=np`, float64 values) and on `jax.numpy` (`xp=jnp` inside `jax.enable_x64(True)`)
 so that `jax.grad` of it is the float64 reference gradient.
 
-Layout is SPEC.md's BTHD: query [B, T, HQ, Dk], key [B, T, H, Dk], value [B, T, H, Dv],
+Layout is docs/semantics.md's BTHD: query [B, T, HQ, Dk], key [B, T, H, Dk], value [B, T, H, Dv],
 gates [B, T, HQ], block_indices [B, T, H, S], cu_seqlens [N + 1] (then B == 1).
 
 Masks and block tables are integer bookkeeping and always come from NumPy; only the floating
 point arithmetic goes through `xp`. Selection (top-k) therefore needs concrete values, which
-matches SPEC.md: no gradient flows through selection.
+matches docs/semantics.md: no gradient flows through selection.
 
 Compressed rows with `cu_seqlens` follow the lead's packing decision: sequence i contributes
 ceil(len_i / l) rows, packed in order, and the array has min(T, T // l + N) rows, the rows past
@@ -264,7 +264,7 @@ def ref_window(q, k, v, window_size, scale=None, cu_seqlens=None, xp=np):
 
 def ref_nsa(q, k, v, g_cmp=None, g_slc=None, g_swa=None, block_indices=None, block_counts=16,
             block_size=64, window_size=0, scale=None, cu_seqlens=None, xp=np):
-    """The full NSA output o [B, T, HQ, Dv] of SPEC.md.
+    """The full NSA output o [B, T, HQ, Dv] of docs/semantics.md.
 
     With block_indices None the selection comes from `ref_topk` on concrete values, so on the
     jax path (gradients) pass the selection in explicitly: it carries no gradient anyway.

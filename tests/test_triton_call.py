@@ -3,7 +3,7 @@
 On a CPU they run the toy kernels below through Triton's interpreter, which is why
 TRITON_INTERPRET must be set before triton is imported (and the kernels decorated); the
 GPU branch is then checked against a stand-in jax_triton that records what it is given.
-With `pytest --gpu` on the device machine the same toy kernels go through the real
+With `pytest --gpu` on a GPU machine the same toy kernels go through the real
 jax_triton, and the tests of the interpreter bridge itself are skipped.
 """
 
@@ -560,7 +560,7 @@ def _fake_jax_triton(tmp_path, monkeypatch, body):
     monkeypatch.setattr(_call, "_jax_triton_result", [])
 
 
-@pytest.mark.parametrize("before", [None, "/tmp/my-triton-cache"])
+@pytest.mark.parametrize("before", [None, "my-triton-cache"])
 def test_jax_triton_import_restores_triton_cache_dir(tmp_path, monkeypatch, before):
     _fake_jax_triton(tmp_path, monkeypatch, 'import os\nos.environ["TRITON_CACHE_DIR"] = ""\n')
     if before is None:

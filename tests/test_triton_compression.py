@@ -22,46 +22,22 @@ from ejnsa import Backend, Platform, kernel_registry
 
 try:
     from . import reference as ref
-    from ._util import TOL_GRAD, TOL_OUT, assert_close, cu_from_lengths, f64, rand, ref_grads
+    from ._util import TOL_GRAD, TOL_OUT, assert_close, cu_from_lengths, f64, rand, ref_grads, dense_grads
 except ImportError:
     import reference as ref
-    from _util import TOL_GRAD, TOL_OUT, assert_close, cu_from_lengths, f64, rand, ref_grads
+    from _util import TOL_GRAD, TOL_OUT, assert_close, cu_from_lengths, f64, rand, ref_grads, dense_grads
 
 from ejnsa.triton import compression as C  # noqa: E402
-from ejnsa.triton import window as W  # noqa: E402
+from ejnsa.triton.band import BandConfigs, BandDkvConfig, BandDqConfig, BandFwdConfig  # noqa: E402
 from ejnsa.triton._call import triton_runnable  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not triton_runnable(), reason="Triton runs neither on a GPU nor in the interpreter here")
 
-SMALL = W.BandConfigs(W.FwdConfig(32, 16, 4, 1), W.DqConfig(32, 16, 4, 1), W.DkvConfig(16, 32, 4, 1, split_tokens=24))
-
-
-def dense_grads(q, k, v, mask, scale, do, dlse=None):
-    """float64 (o, lse, dq, dk, dv) of softmax attention where query (b, t, hq) attends the
-    keys j with mask[b, t, j]; closed-form backward, dS = P * (dP - rowsum(P * dP) + dlse)."""
-    q, k, v, do = (f64(x) for x in (q, k, v, do))
-    B, T, HQ, _ = q.shape
-    J, H = k.shape[1], k.shape[2]
-    G = HQ // H
-    kr, vr = np.repeat(k, G, axis=2), np.repeat(v, G, axis=2)
-    m4 = np.broadcast_to(mask[:, :, None, :], (B, T, HQ, J))
-    s = np.where(m4, scale * np.einsum("bthd,bjhd->bthj", q, kr), -np.inf)
-    mx = np.max(s, axis=-1, keepdims=True)
-    mx = np.where(np.isfinite(mx), mx, 0.0)
-    e = np.where(m4, np.exp(s - mx), 0.0)
-    den = e.sum(-1, keepdims=True)
-    p = e / np.where(den > 0, den, 1.0)
-    o = np.einsum("bthj,bjhd->bthd", p, vr)
-    lse = np.where(den[..., 0] > 0, mx[..., 0] + np.log(np.where(den[..., 0] > 0, den[..., 0], 1.0)), -np.inf)
-    dp = np.einsum("bthd,bjhd->bthj", do, vr)
-    shift = (p * dp).sum(-1, keepdims=True)
-    if dlse is not None:
-        shift = shift - f64(dlse)[..., None]
-    ds = p * (dp - shift)
-    dq = scale * np.einsum("bthj,bjhd->bthd", ds, kr)
-    dk = scale * np.einsum("bthj,bthd->bjhd", ds, q).reshape(B, J, H, G, -1).sum(3)
-    dv = np.einsum("bthj,bthd->bjhd", p, do).reshape(B, J, H, G, -1).sum(3)
-    return o, lse, dq, dk, dv
+SMALL = BandConfigs(
+    fwd=BandFwdConfig(block_m=32, block_n=16, num_warps=4, num_stages=1),
+    dq=BandDqConfig(block_m=32, block_n=16, num_warps=4, num_stages=1),
+    dkv=BandDkvConfig(block_n=16, block_m=32, num_warps=4, num_stages=1, split_tokens=24),
+)
 
 
 def compressed_mask(B, T, NC, l, cu=None):
@@ -207,10 +183,9 @@ def test_jit_deterministic_and_finite():
 
 def test_default_configs():
     """The dK/dV split gives ~TARGET_DKV_PROGRAMS programs and never parts under the minimum."""
-    c = C.CompressionDkvConfig.default(128, 128, jnp.bfloat16, 65536, 1024, 1, 4)
-    assert c.split_tokens == 2048 and c.block_n == 128  # 8 key tiles x 32 parts x 4 heads
-    c = C.CompressionDkvConfig.default(128, 128, jnp.bfloat16, 4096, 64, 1, 4)
-    assert c.split_tokens == C.MIN_SPLIT_TOKENS
+    assert BandConfigs.default(128, 128, jnp.bfloat16).dkv.block_n == 128
+    assert C.split_tokens(65536, 1024, 1, 4, 128) == 2048  # 8 key tiles x 32 parts x 4 heads
+    assert C.split_tokens(4096, 64, 1, 4, 128) == C.MIN_SPLIT_TOKENS
     for dk, dv in ((64, 64), (192, 128), (256, 256), (40, 24)):
         for dtype in (jnp.bfloat16, jnp.float32):
             q = jax.ShapeDtypeStruct((1, 8192, 16, dk), dtype)

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import ejnsa
-from ejnsa._api import resolve
+from ejnsa import kernel_registry
 from ejnsa._nsa import clamp_counts, topk_slots
 
 try:
@@ -53,9 +53,9 @@ def _pipeline_indices(platform, q, k, v, g_cmp, block_counts, l, scale, cu):
     k_cmp = pool(k, l, cu)
     lse = None
     if g_cmp is not None:
-        _, lse = resolve("nsa_compression", platform)(q, k_cmp, pool(v, l, cu), l, scale, cu)
+        _, lse = kernel_registry.call("nsa_compression", q, k_cmp, pool(v, l, cu), l, scale, cu, platform=platform)
     slots = topk_slots(block_counts, q.shape[1], l)
-    return resolve("nsa_topk", platform)(q, k_cmp, lse, slots, l, scale, cu), k_cmp
+    return kernel_registry.call("nsa_topk", q, k_cmp, lse, slots, l, scale, cu, platform=platform), k_cmp
 
 
 def _masked(idx, block_counts):

@@ -1,7 +1,7 @@
 """Selected attention's Triton kernels (ejnsa/triton/selection.py) against the float64 reference.
 
 On a CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
-so shapes are tiny; with `pytest --gpu` on the device machine the same tests run the real
+so shapes are tiny; with `pytest --gpu` on a GPU machine the same tests run the real
 kernels, and the tests marked `gpu` compare them with the XLA path at T = 4096 and 65536.
 
 Every comparison is a relative error ‖a − b‖ / ‖b‖ of the output and of dq, dk, dv against
@@ -27,13 +27,16 @@ import pytest  # noqa: E402
 
 import ejnsa  # noqa: E402
 from ejnsa.triton import selection as sel  # noqa: E402
+from ejnsa.triton import selection_index as idx  # noqa: E402
 
 try:
     from . import reference as ref
-    from ._util import TOL_GRAD, TOL_OUT, assert_close, cu_from_lengths, f64, make_qkv, messy_block_indices, rel_err
+    from ._util import (TOL_GRAD, TOL_OUT, assert_close, cu_from_lengths, dense_grads, f64, make_qkv,
+                        messy_block_indices, rel_err)
 except ImportError:  # tests/ is not a package: pytest put it on sys.path
     import reference as ref
-    from _util import TOL_GRAD, TOL_OUT, assert_close, cu_from_lengths, f64, make_qkv, messy_block_indices, rel_err
+    from _util import (TOL_GRAD, TOL_OUT, assert_close, cu_from_lengths, dense_grads, f64, make_qkv,
+                       messy_block_indices, rel_err)
 
 DT = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
 
@@ -83,33 +86,19 @@ def triton_run(q, k, v, bi, bc, l, scale, cu, do, config=None):
 
 
 def reference(q, k, v, bi, counts, l, scale, cu, do):
-    """float64 (o, dq, dk, dv) of dense attention weighted by SPEC's key multiplicities.
+    """float64 (o, dq, dk, dv) of dense attention weighted by the contract's key multiplicities.
 
-    counts: an int or the clamped [B, T, H] array. The gradients are the textbook ones of
-    softmax attention (ds = p * (dp - rowsum(p * dp))), in NumPy: the weights come from
-    tests/reference.py, the forward is reference.ref_selected, and
-    test_dense_gradients_match_autodiff checks these formulas against jax.grad of it.
+    counts: an int or the clamped [B, T, H] array. The weights come from tests/reference.py,
+    the gradients are _util.dense_grads' closed form, the forward is checked against
+    reference.ref_selected, and test_dense_gradients_match_autodiff checks the gradients
+    against jax.grad of it.
     """
     bi_np = np.asarray(bi)
     cnt = counts if isinstance(counts, int) else np.asarray(counts)
-    q64, k64, v64, do64 = f64(q), f64(k), f64(v), f64(do)
-    B, T, HQ, _ = q64.shape
-    G = HQ // k64.shape[2]
-    w = np.repeat(ref.selected_multiplicity(bi_np, cnt, l, T, cu), G, axis=2).astype(np.float64)  # [B, T, HQ, T]
-    kk, vv = np.repeat(k64, G, axis=2), np.repeat(v64, G, axis=2)  # [B, T, HQ, D]
-    s = scale * np.einsum("bthd,bjhd->bthj", q64, kk)
-    m = np.max(np.where(w > 0, s, -np.inf), axis=-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    e = w * np.exp(np.where(w > 0, s - m, -np.inf))
-    den = e.sum(-1, keepdims=True)
-    p = np.where(den > 0, e / np.where(den > 0, den, 1.0), 0.0)
-    o = np.einsum("bthj,bjhd->bthd", p, vv)
-    dp = np.einsum("bthd,bjhd->bthj", do64, vv)
-    ds = p * (dp - np.sum(p * dp, -1, keepdims=True))
-    dq = scale * np.einsum("bthj,bjhd->bthd", ds, kk)
-    dk = scale * np.einsum("bthj,bthd->bjhd", ds, q64).reshape(B, T, -1, G, q64.shape[-1]).sum(3)
-    dv = np.einsum("bthj,bthd->bjhd", p, do64).reshape(B, T, -1, G, v64.shape[-1]).sum(3)
-    want_o = ref.ref_selected(q64, k64, v64, bi_np, cnt, l, scale, cu)
+    T, G = q.shape[1], q.shape[2] // k.shape[2]
+    w = np.repeat(ref.selected_multiplicity(bi_np, cnt, l, T, cu), G, axis=2)  # [B, T, HQ, T]
+    o, _, dq, dk, dv = dense_grads(q, k, v, w, scale, do)
+    want_o = ref.ref_selected(f64(q), f64(k), f64(v), bi_np, cnt, l, scale, cu)
     np.testing.assert_allclose(o, want_o, rtol=1e-9, atol=1e-12)
     return want_o, dq, dk, dv
 
@@ -134,11 +123,11 @@ CASES = {
     "g1_fp32_messy_batch2": (2, 67, 2, 2, 32, 16, 16, 4, "fp32", "messy", "int"),
     # G = 2, odd head dims (masked to 64 / 32), tensor counts with 0 and > S, huge indices
     "g2_fp32_odd_dims_counts": (1, 50, 4, 2, 40, 24, 16, 3, "fp32", "messy_huge", "tensor"),
-    # G = 16 (one token per fallback tile), neighbours sharing their blocks
+    # G = 16 (4 tokens per tile), neighbours sharing their blocks
     "g16_bf16_shared": (1, 45, 16, 1, 32, 32, 16, 3, "bf16", "shared", "int"),
     # G = 16, independent random selections, fp16
     "g16_fp16_random": (1, 45, 16, 1, 16, 32, 16, 3, "fp16", "random", "int"),
-    # G = 80 > 64 rows: query heads split over programs (2 chunks of 40, fallback 5 of 16)
+    # G = 80 > 64 rows: query heads split over programs (2 chunks of 40)
     "g80_fp32_head_chunks": (1, 20, 80, 1, 16, 16, 16, 2, "fp32", "messy", "int"),
 }
 
@@ -231,75 +220,35 @@ def test_dense_gradients_match_autodiff():
         np.testing.assert_allclose(a, np.asarray(b), rtol=1e-10, atol=1e-12)
 
 
-# ------------------------------------------------------------------------------ tilings
-
-
-def test_tilings_choice_and_both_agree():
-    """Shared selections keep the main tiling for dk/dv, random ones take the small tiles;
-    forced, each tiling matches the reference (so both kernels' paths are exercised)."""
-    rng = np.random.default_rng(11)
-    B, T, HQ, H, Dk, Dv, l, S = 1, 128, 16, 1, 16, 16, 16, 2
-    q, k, v = make_qkv(rng, B, T, HQ, H, Dk, Dv, jnp.float32)
-    do = jnp.asarray(rng.standard_normal((B, T, HQ, Dv)).astype(np.float32))
-    t = np.arange(T)
-    shared = np.zeros((B, T, H, S), np.int32)  # the same 2 blocks for 4 consecutive tokens
-    shared[0, :, :, 0] = ((t // 4 * 3) % (t // l + 1))[:, None]
-    shared[0, :, :, 1] = (t // l)[:, None]
-    rand = random_indices(rng, B, T, H, S, l)
-    # With no fixed step cost, dk/dv's cost is the streamed rows: equal for shared
-    # selections (ties keep the main tiling), fewer with small tiles for random ones.
-    tile = sel.TileConfig(dkv_step_rows=0)
-    choose = jax.jit(lambda bi: sel.tiling_choices(bi, None, l, None, HQ // H, tile)[1])
-    assert sel.tiling_choices(rand, None, l, None, HQ // H)[0] is None  # the forward never falls back
-    assert not bool(choose(jnp.asarray(shared)))
-    assert bool(choose(rand))
-    # Forced, on the first 40 tokens (the interpreter is slow).
-    n = 40
-    q, k, v, do, rand = q[:, :n], k[:, :n], v[:, :n], do[:, :n], rand[:, :n]
-    want = reference(q, k, v, rand, S, l, 0.5, None, do)
-    for layout in ("tokens", "tiles"):
-        for variant in ("main", "fallback"):
-            tile = sel.TileConfig(variant=variant, dkv_layout=layout)
-            cfg = sel.SelectionConfig.default(Dk, Dv, HQ // H, l, jnp.float32, tile)
-            check(triton_run(q, k, v, rand, None, l, 0.5, None, do, cfg), want, jnp.float32, f"{layout} {variant}")
+# ------------------------------------------------------------------------- dk/dv index
 
 
 def test_segment_split_and_reduce():
     """Lists cut into segments of 2 loop steps: partials written and summed in order by the
-    reducer, in both dk/dv layouts."""
+    reduce kernel."""
     rng = np.random.default_rng(5)
     B, T, HQ, H, Dk, Dv, l, S = 1, 96, 8, 2, 16, 32, 16, 3
     q, k, v = make_qkv(rng, B, T, HQ, H, Dk, Dv, jnp.float32)
     bi = shared_indices(rng, B, T, H, S, l, run=3)
     do = jnp.asarray(rng.standard_normal((B, T, HQ, Dv)).astype(np.float32))
     want = reference(q, k, v, bi, S, l, 0.4, None, do)
-    bound = B * T * H * S
-    rows = sel._block_rows(B, T, l, None)
-    for layout in ("tiles", "tokens"):
-        tile = sel.TileConfig(rows_main=16, dkv_layout=layout)
-        cfg = sel.SelectionConfig.default(Dk, Dv, HQ // H, l, jnp.float32, tile)
-        small = dataclasses.replace(cfg.main_dkv, min_segment=2, partial_bytes=1 << 30)
-        cfg = dataclasses.replace(cfg, main_dkv=small, fallback_dkv=small)
-        if layout == "tiles":
-            seg = sel._segment_length(bound, l, Dk, Dv, small)
-            assert seg == 2
-            plan = sel._Plan.make(HQ // H, 16)
-            union = sel._tile_union(sel._block_starts(bi, None, l, None), plan.bt)[0]
-            part_num = sel._inverse_index(union, rows[0], seg, bound)[3]
-        else:
-            p = sel._Plan.make(HQ // H, small.rows).bt  # tokens per step
-            seg = sel._token_segment(bound, p, l, Dk, Dv, small)
-            assert seg == 2 * p
-            part_num = sel._token_lists(bi, None, l, None, rows[0], seg, small.order)[3]
-        assert int(jnp.max(part_num)) > 2  # some lists are split, block 0's into many segments
-        check(triton_run(q, k, v, bi, None, l, 0.4, None, do, cfg), want, jnp.float32, f"segments {layout}")
+    cfg = sel.SelectionConfig.default(Dk, Dv, HQ // H, l, jnp.float32)
+    small = dataclasses.replace(cfg.dkv, rows=16, min_segment=2, partial_bytes=1 << 30)
+    cfg = dataclasses.replace(cfg, dkv=small)
+    seg = sel.dkv_segment(q, k, v, bi, l, small)
+    p = sel._Plan.make(HQ // H, small.rows).bt  # tokens per step
+    assert seg == 2 * p
+    rows = idx.block_rows(B, T, l, None)
+    part_num = idx.token_lists(bi, None, l, None, rows[0], seg)[3]
+    assert int(jnp.max(part_num)) > 2  # some lists are split, block 0's into many segments
+    check(triton_run(q, k, v, bi, None, l, 0.4, None, do, cfg), want, jnp.float32, "segments")
 
 
 def test_token_lists_segments():
-    """"tokens" layout index: every valid entry is in the list of its block (tokens ascending,
+    """dk/dv index: every valid entry is in the list of its block (tokens ascending,
     duplicates kept), each list is cut into segments covering it exactly once, multi-segment
-    lists own disjoint partial slots; "longest" puts the longest lists first and "block"
-    orders them by block row, KV heads inside. With batch rows, varlen and counts."""
+    lists own disjoint partial slots, the longest lists come first. With batch rows, varlen
+    and counts."""
     rng = np.random.default_rng(4)
     cases = [(2, 70, None, None), (1, 59, cu_from_lengths([0, 21, 1, 0, 30, 7]), "counts")]
     H, S, l, seg = 3, 4, 8, 5
@@ -307,50 +256,63 @@ def test_token_lists_segments():
         cu_j = None if cu is None else jnp.asarray(cu)
         bi = messy_block_indices(rng, B, T, H, S, l, cu)
         bc = None if counts is None else jnp.asarray(rng.integers(0, S + 1, size=(B, T, H)).astype(np.int32))
-        starts = np.asarray(sel._block_starts(bi, bc, l, cu_j))
-        row_start, row_len = (np.asarray(x) for x in sel._block_rows(B, T, l, cu_j))
+        starts = np.asarray(idx.block_starts(bi, bc, l, cu_j))
+        row_start, row_len = (np.asarray(x) for x in idx.block_rows(B, T, l, cu_j))
         br = row_start.shape[0]
         e = H * B * T * S
-        for order in ("longest", "block"):
-            toks, desc, part_off, part_num = (np.asarray(x) for x in sel._token_lists(
-                bi, bc, l, cu_j, jnp.asarray(row_start), seg, order))
-            assert desc.shape[0] == H * br + -(-e // seg)
-            covered, slots, firsts = {}, [], []
-            for lst, lo, hi, out in desc:
-                if lst < 0:
-                    continue
-                assert 0 <= lo <= hi <= lo + seg
-                covered.setdefault(int(lst), []).append((int(lo), int(hi), int(out)))
-                firsts.append(int(lst))
-            n_of = {}
-            for lst in range(H * br):
-                h, rho = divmod(lst, br)
-                segs = covered[lst]  # every list has a program (an empty one writes zeros)
-                got = [int(toks[i]) for lo, hi, _ in segs for i in range(lo, hi)]
-                want = sorted(b * T + t for b in range(B) for t in range(T) for j in range(S)
-                              if row_start[rho] >= 0 and starts[b, t, h, j] == row_start[rho])
-                assert got == want, (order, lst, got, want)
-                n_of[lst] = len(want)
-                outs = [o for _, _, o in segs]
-                if len(segs) == 1:
-                    assert outs == [-1] and part_num[lst] == 0
-                else:
-                    assert outs == list(range(part_off[lst], part_off[lst] + len(segs))) and part_num[lst] == len(segs)
-                    slots += outs
-            assert len(slots) == len(set(slots)) and len(slots) <= -(-2 * e // seg) + 1
-            assert any(n > seg for n in n_of.values())  # the split path was exercised
-            lists = list(dict.fromkeys(firsts))  # each list's segments are consecutive
-            assert sum(len(covered[x]) for x in lists) == len(firsts)
-            if order == "longest":
-                assert [n_of[x] for x in lists] == sorted((n_of[x] for x in lists), reverse=True)
+        toks, desc, part_off, part_num = (np.asarray(x) for x in idx.token_lists(
+            bi, bc, l, cu_j, jnp.asarray(row_start), seg))
+        assert desc.shape[0] == H * br + -(-e // seg)
+        covered, slots, firsts = {}, [], []
+        for lst, lo, hi, out in desc:
+            if lst < 0:
+                continue
+            assert 0 <= lo <= hi <= lo + seg
+            covered.setdefault(int(lst), []).append((int(lo), int(hi), int(out)))
+            firsts.append(int(lst))
+        n_of = {}
+        for lst in range(H * br):
+            h, rho = divmod(lst, br)
+            segs = covered[lst]  # every list has a program (an empty one writes zeros)
+            got = [int(toks[i]) for lo, hi, _ in segs for i in range(lo, hi)]
+            want = sorted(b * T + t for b in range(B) for t in range(T) for j in range(S)
+                          if row_start[rho] >= 0 and starts[b, t, h, j] == row_start[rho])
+            assert got == want, (lst, got, want)
+            n_of[lst] = len(want)
+            outs = [o for _, _, o in segs]
+            if len(segs) == 1:
+                assert outs == [-1] and part_num[lst] == 0
             else:
-                assert lists == [h * br + rho for rho in range(br) for h in range(H)]
+                assert outs == list(range(part_off[lst], part_off[lst] + len(segs))) and part_num[lst] == len(segs)
+                slots += outs
+        assert len(slots) == len(set(slots)) and len(slots) <= -(-2 * e // seg) + 1
+        assert any(n > seg for n in n_of.values())  # the split path was exercised
+        lists = list(dict.fromkeys(firsts))  # each list's segments are consecutive
+        assert sum(len(covered[x]) for x in lists) == len(firsts)
+        assert [n_of[x] for x in lists] == sorted((n_of[x] for x in lists), reverse=True)
 
 
-def test_dkv_tokens_variants():
-    """The "tokens" layout's options all match the reference: block order with segments of
-    one step, 16-row steps, a forward choosing its tiling per call; the program order
-    changes no bit."""
+def test_tile_union():
+    """union / count / mult of the forward's tiles against a direct count."""
+    rng = np.random.default_rng(2)
+    B, T, H, S, l, bt = 2, 70, 3, 4, 8, 4
+    bi = messy_block_indices(rng, B, T, H, S, l)
+    st = np.asarray(idx.block_starts(bi, None, l, None))
+    union, count, mult = (np.asarray(x) for x in idx.tile_union(jnp.asarray(st), bt))
+    nt = union.shape[1]
+    for h in range(H):
+        for tile in range(nt):
+            b, t0 = divmod(tile, -(-T // bt))
+            t0 *= bt
+            ent = st[b, t0:t0 + bt, h]  # [<=bt, S]
+            uniq = sorted({int(x) for x in ent.reshape(-1) if x != idx.SENT})
+            assert count[h, tile] == len(uniq) and list(union[h, tile, : len(uniq)]) == uniq
+            for u, s in enumerate(uniq):
+                assert [int((ent[i] == s).sum()) for i in range(len(ent))] == list(mult[h, tile, u, : len(ent)])
+
+
+def test_dkv_options():
+    """Non-default dk/dv steps (16 rows) and one-step segments match the reference."""
     rng = np.random.default_rng(8)
     B, T, HQ, H, Dk, Dv, l, S = 2, 45, 8, 2, 32, 16, 8, 3
     q, k, v = make_qkv(rng, B, T, HQ, H, Dk, Dv, jnp.bfloat16)
@@ -360,79 +322,12 @@ def test_dkv_tokens_variants():
     base = sel.SelectionConfig.default(Dk, Dv, HQ // H, l, jnp.bfloat16)
     rep = dataclasses.replace
     cfgs = {
-        "default": base,
-        "block_order": rep(base, main_dkv=rep(base.main_dkv, order="block")),
-        "block_order_short": rep(base, main_dkv=rep(base.main_dkv, order="block", min_segment=1,
-                                                    partial_bytes=1 << 30)),
-        "rows16": rep(base, main_dkv=rep(base.main_dkv, rows=16)),
-        # the forward chooses per call between 32- and 16-row tiles (knee below the main
-        # tiling's rows), and dq follows its choice
-        "fwd_choice": sel.SelectionConfig.default(Dk, Dv, HQ // H, l, jnp.bfloat16,
-                                                  sel.TileConfig(rows_main=32, rows_fallback=16, knee_rows=24)),
+        "rows16": rep(base, dkv=rep(base.dkv, rows=16)),
+        "short_segments": rep(base, dkv=rep(base.dkv, min_segment=1, partial_bytes=1 << 30)),
+        "fwd_rows32": rep(base, fwd=rep(base.fwd, rows=32)),
     }
-    got = {}
     for name, cfg in cfgs.items():
-        got[name] = triton_run(q, k, v, bi, None, l, 0.3, None, do, cfg)
-        check(got[name], want, jnp.bfloat16, name)
-    for x, y, part in zip(got["default"], got["block_order"], ("o", "dq", "dk", "dv")):
-        assert np.array_equal(np.asarray(x), np.asarray(y)), f"block order changed {part}"
-
-
-def test_inverse_index_segments():
-    """Each block's list of (tile, slot) pairs is cut into segments covering it exactly once,
-    multi-segment lists own disjoint partial slots, and the longest lists come first."""
-    rng = np.random.default_rng(2)
-    B, T, H, S, l, bt, seg = 2, 70, 3, 4, 8, 4, 3
-    bi = messy_block_indices(rng, B, T, H, S, l)
-    starts = sel._block_starts(bi, None, l, None)
-    union, count, mult = sel._tile_union(starts, bt)
-    row_start, row_len = sel._block_rows(B, T, l, None)
-    bound = B * T * H * S
-    pairs, desc, part_off, part_num = (np.asarray(x) for x in sel._inverse_index(union, row_start, seg, bound))
-    union, count, mult = np.asarray(union), np.asarray(count), np.asarray(mult)
-    row_start = np.asarray(row_start)
-    nt, w = union.shape[1], union.shape[2]
-    br = row_start.shape[0]
-    # union / mult against a direct count
-    st = np.asarray(starts)
-    for h in range(H):
-        for tile in range(nt):
-            b, t0 = divmod(tile, -(-T // bt))
-            t0 *= bt
-            ent = st[b, t0:t0 + bt, h]  # [<=bt, S]
-            uniq = sorted({int(x) for x in ent.reshape(-1) if x != sel.SENT})
-            assert count[h, tile] == len(uniq) and list(union[h, tile, : len(uniq)]) == uniq
-            for u, s in enumerate(uniq):
-                assert [int((ent[i] == s).sum()) for i in range(len(ent))] == list(mult[h, tile, u, : len(ent)])
-    # segments
-    covered = {}
-    slots = []
-    lengths = []
-    for lst, lo, hi, out in desc:
-        if lst < 0:
-            continue
-        h, rho = divmod(int(lst), br)
-        assert 0 <= hi - lo <= seg
-        covered.setdefault(int(lst), []).append((int(lo), int(hi), int(out)))
-    for lst in range(H * br):
-        h, rho = divmod(lst, br)
-        want = [e for e in range(nt * w) if union[h, e // w, e % w] == row_start[rho]]
-        segs = covered[lst]  # every list has at least one program (an empty one writes zeros)
-        got = [int(pairs[h, p]) for lo, hi, _ in segs for p in range(lo, hi)]
-        assert got == want, (lst, got, want)
-        outs = [o for _, _, o in segs]
-        if len(segs) == 1:
-            assert outs == [-1] and part_num[lst] == 0
-        else:
-            assert outs == list(range(part_off[lst], part_off[lst] + len(segs))) and part_num[lst] == len(segs)
-            slots += outs
-        lengths.append(len(want))
-    assert len(slots) == len(set(slots)) and len(slots) <= -(-2 * bound // seg) + 1
-    firsts = [int(lst) for lst, *_ in desc if lst >= 0]
-    n_of = {lst: sum(hi - lo for lo, hi, _ in covered[lst]) for lst in covered}
-    order = [n_of[x] for x in dict.fromkeys(firsts)]
-    assert order == sorted(order, reverse=True)
-    assert any(n > seg for n in lengths)  # the split path was exercised
+        check(triton_run(q, k, v, bi, None, l, 0.3, None, do, cfg), want, jnp.bfloat16, name)
 
 
 # ---------------------------------------------------------------------------------- GPU

@@ -1,4 +1,4 @@
-"""Triton top-k block selection (ejnsa/triton/topk.py) against SPEC step 3.
+"""Triton top-k block selection (ejnsa/triton/topk.py) against semantics.md piece 3.
 
 Selections are checked against the float64 reference scores as sets: a block may be
 exchanged for another only when their reference scores are within TIE_TOL (1e-6, about
@@ -126,13 +126,13 @@ def test_topk_varlen(layout):
 
 # Configurations other than the default: the "qk" scheme (the first kernel; chunks of 32
 # at G=1); "kq" with chunks of one 16-block part (one list per token, no alternating
-# directions) and the skip test; "kq" with 16 tokens and chunks of 128 (8 parts). S=20
+# directions); "kq" with 16 tokens and chunks of 128 (8 parts). S=20
 # gives 32-slot lists (parts of 32 blocks, wider than a warp's rows on the GPU).
 CONFIGS = {
     "qk": lambda D, G, S, dt: triton_topk.TopkConfig.qk(D, G, S, dt),
-    "kq_bc16_skip": lambda D, G, S, dt: triton_topk.TopkConfig(
-        max(4, 16 // triton.next_power_of_2(G)), 16, skip=True, scheme="kq"),
-    "kq_bt16_bc128": lambda D, G, S, dt: triton_topk.TopkConfig(16, 128, scheme="kq"),
+    "kq_bc16": lambda D, G, S, dt: triton_topk.TopkConfig(
+        block_t=max(4, 16 // triton.next_power_of_2(G)), block_c=16, scheme="kq"),
+    "kq_bt16_bc128": lambda D, G, S, dt: triton_topk.TopkConfig(block_t=16, block_c=128, scheme="kq"),
 }
 CONFIG_CASES = [
     (1, 600, 2, 2, 16, 16, 6, None),  # G=1, 38 blocks: several chunks of 16 and of 32
@@ -144,7 +144,7 @@ CONFIG_CASES = [
 CASE_IDS = ["G1S6", "G3S20", "varlen"]
 # Each configuration runs one case in the default run (together they cover every case);
 # the others are marked slow (`pytest -m slow`): the interpreter takes 10-30 s per case.
-CI_CASE = {"qk": "varlen", "kq_bc16_skip": "G1S6", "kq_bt16_bc128": "G3S20"}
+CI_CASE = {"qk": "varlen", "kq_bc16": "G1S6", "kq_bt16_bc128": "G3S20"}
 CONFIG_PARAMS = [
     pytest.param(name, case, id=f"{name}-{cid}", marks=() if CI_CASE[name] == cid else pytest.mark.slow)
     for name in sorted(CONFIGS) for case, cid in zip(CONFIG_CASES, CASE_IDS)
@@ -184,14 +184,26 @@ def test_topk_public_api_tensor_counts_jit_and_determinism():
     _check(a, q, kc, counts, l, D**-0.5, None, want)
 
 
-def test_topk_fallback_beyond_max_slots():
-    """S with next_power_of_2(S) > MAX_SLOTS runs the XLA implementation (same result)."""
+def test_topk_beyond_max_slots_runs_the_next_implementation():
+    """S with next_power_of_2(S) > MAX_SLOTS: the Triton function declines (Unsupported),
+    and the resolver runs the XLA implementation, for the public function and inside the
+    Triton NSA pipeline (array block_counts on a long sequence)."""
     B, T, HQ, H, D, l = 1, 40, 2, 1, 8, 16
     q, kc, _ = _inputs(9, B, T, HQ, H, D, l)
     S = triton_topk.MAX_SLOTS + 1
-    got = T_FN(q, kc, None, S, l, 0.5, None)
+    with pytest.raises(ejnsa.Unsupported, match="at most 128 slots"):
+        T_FN(q, kc, None, S, l, 0.5, None)
+    got = ejnsa.nsa_topk(q, kc, S, l, 0.5, platform="triton")
     assert got.shape == (B, T, H, S)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(X_FN(q, kc, None, S, l, 0.5, None)))
+    # The pipeline asks for ceil(T / l) = 129 slots when block_counts is an array.
+    T2 = 16 * 129
+    rng = np.random.default_rng(10)
+    q2, k2 = rand(rng, (B, T2, HQ, D)), rand(rng, (B, T2, H, D))
+    counts = jnp.full((B, T2, H), 2, jnp.int32)
+    o = {p: ejnsa.native_sparse_attention(q2, k2, k2, block_counts=counts, block_size=l, platform=p)
+         for p in ("triton", "xla")}
+    np.testing.assert_allclose(np.asarray(o["triton"]), np.asarray(o["xla"]), rtol=1e-5, atol=1e-5)
 
 
 def test_topk_ties_prefer_smaller_block():

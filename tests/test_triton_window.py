@@ -23,51 +23,33 @@ from ejnsa import Backend, Platform, kernel_registry
 
 try:
     from . import reference as ref
-    from ._util import TOL_GRAD, TOL_OUT, assert_close, cu_from_lengths, f64, make_qkv, rand, ref_grads
+    from ._util import TOL_GRAD, TOL_OUT, assert_close, cu_from_lengths, f64, make_qkv, rand, ref_grads, dense_grads
 except ImportError:
     import reference as ref
-    from _util import TOL_GRAD, TOL_OUT, assert_close, cu_from_lengths, f64, make_qkv, rand, ref_grads
+    from _util import TOL_GRAD, TOL_OUT, assert_close, cu_from_lengths, f64, make_qkv, rand, ref_grads, dense_grads
 
 from ejnsa.triton import window as W  # noqa: E402
+from ejnsa.triton._common import head_tile  # noqa: E402
+from ejnsa.triton.band import BandConfigs, BandDkvConfig, BandDqConfig, BandFwdConfig  # noqa: E402
 from ejnsa.triton._call import triton_runnable  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not triton_runnable(), reason="Triton runs neither on a GPU nor in the interpreter here")
 
 # Small tiles: several programs and steps at tiny T (the interpreter is slow per program).
-SMALL = W.BandConfigs(W.FwdConfig(32, 16, 4, 1), W.DqConfig(32, 32, 4, 1), W.DkvConfig(32, 32, 4, 1))
-SPLIT = W.BandConfigs(W.FwdConfig(16, 32, 4, 1), W.DqConfig(16, 16, 4, 1), W.DkvConfig(16, 16, 4, 1, split_tokens=12))
-
-
-def dense_grads(q, k, v, mask, scale, do, dlse=None):
-    """float64 (o, lse, dq, dk, dv) of softmax attention where query (b, t, hq) attends the
-    keys j with mask[b, t, j]; closed-form backward, dS = P * (dP - rowsum(P * dP) + dlse)."""
-    q, k, v, do = (f64(x) for x in (q, k, v, do))
-    B, T, HQ, _ = q.shape
-    J, H = k.shape[1], k.shape[2]
-    G = HQ // H
-    kr, vr = np.repeat(k, G, axis=2), np.repeat(v, G, axis=2)
-    m4 = np.broadcast_to(mask[:, :, None, :], (B, T, HQ, J))
-    s = np.where(m4, scale * np.einsum("bthd,bjhd->bthj", q, kr), -np.inf)
-    mx = np.max(s, axis=-1, keepdims=True)
-    mx = np.where(np.isfinite(mx), mx, 0.0)
-    e = np.where(m4, np.exp(s - mx), 0.0)
-    den = e.sum(-1, keepdims=True)
-    p = e / np.where(den > 0, den, 1.0)
-    o = np.einsum("bthj,bjhd->bthd", p, vr)
-    lse = np.where(den[..., 0] > 0, mx[..., 0] + np.log(np.where(den[..., 0] > 0, den[..., 0], 1.0)), -np.inf)
-    dp = np.einsum("bthd,bjhd->bthj", do, vr)
-    shift = (p * dp).sum(-1, keepdims=True)
-    if dlse is not None:
-        shift = shift - f64(dlse)[..., None]
-    ds = p * (dp - shift)
-    dq = scale * np.einsum("bthj,bjhd->bthd", ds, kr)
-    dk = scale * np.einsum("bthj,bthd->bjhd", ds, q).reshape(B, J, H, G, -1).sum(3)
-    dv = np.einsum("bthj,bthd->bjhd", p, do).reshape(B, J, H, G, -1).sum(3)
-    return o, lse, dq, dk, dv
+SMALL = BandConfigs(
+    fwd=BandFwdConfig(block_m=32, block_n=16, num_warps=4, num_stages=1),
+    dq=BandDqConfig(block_m=32, block_n=32, num_warps=4, num_stages=1),
+    dkv=BandDkvConfig(block_n=32, block_m=32, num_warps=4, num_stages=1),
+)
+SPLIT = BandConfigs(
+    fwd=BandFwdConfig(block_m=16, block_n=32, num_warps=4, num_stages=1),
+    dq=BandDqConfig(block_m=16, block_n=16, num_warps=4, num_stages=1),
+    dkv=BandDkvConfig(block_n=16, block_m=16, num_warps=4, num_stages=1, split_tokens=12),
+)
 
 
 def window_mask(B, T, w, cu=None):
-    """[B, T, T]: token t sees key j (same sequence, t - w < j <= t), from SPEC's text."""
+    """[B, T, T]: token t sees key j (same sequence, t - w < j <= t), from the contract's text."""
     seq, pos = ref.seq_layout(B, T, None if cu is None else np.asarray(cu))
     pt, pj = pos[:, :, None], pos[:, None, :]
     return (seq[:, :, None] == seq[:, None, :]) & (pj <= pt) & (pt - w < pj)
@@ -169,10 +151,10 @@ def test_default_configs():
     """Hopper tiles: dots stay >= 16 wide, the window never splits dK/dV."""
     for dk, dv in ((64, 64), (128, 128), (192, 128), (256, 256), (40, 24)):
         for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
-            c = W.default_configs(dk, dv, dtype)
+            c = BandConfigs.default(dk, dv, dtype)
             assert min(c.fwd.block_m, c.fwd.block_n, c.dq.block_m, c.dq.block_n, c.dkv.block_m, c.dkv.block_n) >= 16
             assert c.dkv.split_tokens == 0
-    assert W._head_tile(40) == 64 and W._head_tile(8) == 16
+    assert head_tile(40) == 64 and head_tile(8) == 16
 
 
 # ----------------------------------------------------------------------------- GPU

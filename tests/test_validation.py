@@ -1,4 +1,4 @@
-"""Every "Bad input" error of SPEC.md: ValueError (TypeError for dtypes) naming the argument.
+"""Every "Bad input" error of docs/semantics.md: ValueError (TypeError for dtypes) naming the argument.
 
 Each case starts from valid arguments (checked once with jax.eval_shape, which traces without
 compiling) and spoils one of them. Errors must come at trace time, also under jit, and never
@@ -37,7 +37,7 @@ def _arrays():
 
 A = _arrays()
 
-# Valid keyword arguments per public function (positional names as in SPEC.md).
+# Valid keyword arguments per public function (positional names as in docs/semantics.md).
 VALID = {
     "native_sparse_attention": dict(
         query=A["q"], key=A["k"], value=A["v"], g_cmp=A["g"], g_slc=A["g"], g_swa=A["g"],

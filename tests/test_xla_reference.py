@@ -447,7 +447,7 @@ def test_selected_messy_indices(shape, counts):
 
 
 def test_selected_int_counts_use_all_entries():
-    # SPEC: with an int block_counts all S entries of given block_indices are used.
+    # docs/semantics.md: with an int block_counts all S entries of given block_indices are used.
     rng = np.random.default_rng(10)
     B, T, H, G, Dk, Dv, l = 1, 100, 2, 2, 32, 16, 16
     q, k, v = make_qkv(rng, B, T, H * G, H, Dk, Dv)

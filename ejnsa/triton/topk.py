@@ -1,4 +1,4 @@
-"""Top-k block selection (SPEC step 3) as one Triton kernel (two schemes of it).
+"""Top-k block selection (semantics.md piece 3) as one Triton kernel (two schemes of it).
 
 For token t (position p in its sequence) and KV head h the candidates are exactly the
 local blocks c <= p // l: every c <= p // l - 1 is complete and in the past (visible),
@@ -49,14 +49,15 @@ same selection and order as sorting the float32 scores, independent of chunking 
 the launch; reruns are bitwise identical.
 
 Limits: SP = next_power_of_2(S) <= MAX_SLOTS keeps the running lists in registers. The
-pipeline asks for S = ceil(T / l) slots when block_counts is an array; above MAX_SLOTS
-the registered function falls back to the XLA implementation (same result, slower).
+pipeline asks for S = ceil(T / l) slots when block_counts is an array; above MAX_SLOTS the
+registered function raises `Unsupported`, and the resolver (ejnsa._registry) runs the next
+implementation, XLA's (same result, slower).
 """
+
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -64,15 +65,14 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from .._registry import Backend, Platform, kernel_registry
+from .._registry import Backend, Platform, Unsupported, kernel_registry
 from .._varlen import cdiv, sequence_info
-from ..xla import topk as xla_topk
 from ._call import triton_call
+from ._common import LOG2E, dot_precision, head_tile, log2_scale
 from ._vmap import vmappable
 
 # Largest running list (next_power_of_2(S)) the kernel keeps in registers.
 MAX_SLOTS = 128
-LOG2E = math.log2(math.e)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,25 +87,12 @@ class TopkConfig:
       columns ("kq": BT >= 4 and BT * next_power_of_2(G) >= 16).
     block_c: compressed blocks per chunk (BC); raised to the slot count SP if smaller
       ("qk"), to the part size max(16, SP) ("kq"; 64 or more for wgmma with 4 warps).
-    skip: test each chunk against the running lists and skip the merge when no key of
-      the chunk would enter any of them (one cross-warp reduction per chunk). On random
-      scores some list almost always gains a key (H100: no gain for "qk"), and "kq"'s
-      lists each see a quarter of the blocks, so "kq"'s default is off.
-    prefetch: ("qk" only) load the next chunk's keys into registers before this chunk's
-      softmax and sort, instead of Triton's cp.async pipelining (num_stages); kept as an
-      alternative to time (it costs registers and disables the pipelining).
-    precision: tl.dot input precision for float32 inputs. "tf32x3" (about float32
-      accuracy on tensor cores) or "ieee"; plain TF32 would perturb logits by ~1e-3 and
-      change selections against the float32 definition.
     """
 
     block_t: int
     block_c: int
     num_warps: int = 4
     num_stages: int = 2
-    skip: bool = True
-    prefetch: bool = False
-    precision: str = "tf32x3"
     scheme: str = "kq"
 
     @staticmethod
@@ -127,7 +114,7 @@ class TopkConfig:
         block_t = min(16, max(4, min(128, max_cols) // gp))
         num_warps = 8 if block_t * gp > 128 else 4
         num_stages = 1 if f32 and head_dim > 128 else 2
-        return TopkConfig(block_t=block_t, block_c=64, num_warps=num_warps, num_stages=num_stages, skip=False, scheme="kq")
+        return TopkConfig(block_t=block_t, block_c=64, num_warps=num_warps, num_stages=num_stages, scheme="kq")
 
     @staticmethod
     def qk(head_dim: int, group: int, num_slots: int, dtype) -> "TopkConfig":
@@ -148,13 +135,17 @@ class TopkConfig:
 
 
 # --------------------------------------------------------------------------------------
-# Bitonic networks on int64 keys, on the hypercube view of a tile: a [BT, N] tile
-# reshaped to [2] * log2(BT * N), so that "axis i from the inside" pairs elements whose
-# column index differs in bit i. Partners are found with a sum over the size-2 axis
-# (pair sum minus oneself, exact even if int64 wrapped around): on the GPU this
-# is the same in-register / shuffle pattern as Triton's xor-based sort, and in the CPU
-# interpreter it stays a NumPy reduction (a custom combine function would run element by
-# element in Python).
+# Bitonic networks on int64 keys, shared by both kernels, on the hypercube view of a
+# tile: a [BT, N] tile reshaped to [2] * log2(BT * N), so that "axis i from the inside"
+# pairs elements whose column index differs in bit i. Partners are found with a sum over
+# the size-2 axis (pair sum minus oneself, exact even if int64 wrapped around): on the GPU
+# this is the same in-register / shuffle pattern as Triton's xor-based sort, and in the
+# CPU interpreter it stays a NumPy reduction (a custom combine function would run element
+# by element in Python). The direction of a compare-exchange is a boolean, so that the
+# compare and the direction combine into one predicate. "kq"'s running lists alternate in
+# direction (row bit 0: even rows descending, odd rows ascending), so that two
+# neighbouring lists are already a bitonic pair: folding them at the end is one maximum
+# and one merge per level, no sort.
 # --------------------------------------------------------------------------------------
 
 
@@ -162,206 +153,6 @@ class TopkConfig:
 def _bit(N: tl.constexpr, i: tl.constexpr):
     """[1, .., 2, .., 1] (N axes): 1 where bit i (from the inside) of the index is set."""
     return tl.reshape(tl.arange(0, 2), [1] * (N - 1 - i) + [2] + [1] * i)
-
-
-@triton.jit
-def _compare_swap(h, flip, N: tl.constexpr, i: tl.constexpr):
-    """One compare-exchange layer along axis i: ascending pairs where flip is 0."""
-    y = tl.sum(h, axis=N - 1 - i, keep_dims=True) - h
-    return tl.where((h > y) != (flip ^ _bit(N, i)), y, h)
-
-
-@triton.jit
-def _merge_cube(h, N: tl.constexpr, STAGE: tl.constexpr, ORDER: tl.constexpr):
-    """Sorts every bitonic run of 2^STAGE elements; ORDER 0 up, 1 down, 2 alternating runs."""
-    if ORDER == 2:
-        flip = _bit(N, STAGE)
-    else:
-        flip = ORDER
-    for i in tl.static_range(STAGE):
-        h = _compare_swap(h, flip, N, STAGE - 1 - i)
-    return h
-
-
-@triton.jit
-def _topk_ascending(x, LOG_T: tl.constexpr, LOG_N: tl.constexpr, LOG_K: tl.constexpr):
-    """[2^LOG_T, 2^LOG_N] -> its 2^LOG_K largest per row, in ascending order.
-
-    Bitonic top-k: sort runs of 2^LOG_K alternately up and down; the element-wise maximum
-    of two neighbouring runs (one up, one down) is a bitonic run holding the best 2^LOG_K
-    of both; merge and repeat until one run per row is left.
-    """
-    N: tl.constexpr = LOG_T + LOG_N
-    h = tl.reshape(x, [2] * N)
-    for i in tl.static_range(1, LOG_K + 1):
-        h = _merge_cube(h, N, i, 2 if i < LOG_N else 0)
-    for i in tl.static_range(LOG_K + 1, LOG_N + 1):
-        # h has N - (i - LOG_K - 1) axes; fold the two halves of each 2^i run together.
-        h = tl.max(h, axis=N - i)
-        h = _merge_cube(h, N - i + LOG_K, LOG_K, 2 if i < LOG_N else 0)
-    return tl.reshape(h, [2**LOG_T, 2**LOG_K])
-
-
-@triton.jit
-def _merge_descending(x, LOG_T: tl.constexpr, LOG_K: tl.constexpr):
-    """[2^LOG_T, 2^LOG_K] rows that are bitonic -> sorted descending."""
-    h = tl.reshape(x, [2] * (LOG_T + LOG_K))
-    h = _merge_cube(h, LOG_T + LOG_K, LOG_K, 1)
-    return tl.reshape(h, [2**LOG_T, 2**LOG_K])
-
-
-@triton.jit
-def _load_keys(p_k0, i_c, n_vis, boc, TC, o_k, m_k, H: tl.constexpr, K: tl.constexpr, BC: tl.constexpr):
-    """[BK, BC] compressed keys i_c .. i_c + BC - 1 of the sequence (0 past the visible ones)."""
-    o_c = i_c + tl.arange(0, BC)
-    m_c = (o_c < n_vis) & (boc + o_c < TC)
-    return tl.load(p_k0 + o_c[None, :].to(tl.int64) * (H * K) + o_k[:, None], mask=m_k[:, None] & m_c[None, :], other=0)
-
-
-@triton.jit
-def nsa_topk_fwd_kernel(
-    q,  # [B, T, HQ, K] query
-    k,  # [B, TC, H, K] compressed keys
-    lse,  # [B, T, HQ] float32 log-sum-exp of the compressed softmax (read iff USE_LSE)
-    tiles,  # [NT, 4] int32 (first token, first position, tokens, first compressed row); iff USE_TILES
-    qk_scale,  # fp32 softmax_scale * log2(e)
-    T,  # tokens per batch row
-    TC,  # compressed rows per batch row
-    o,  # [B, T, H, S] int32 block indices (output)
-    H: tl.constexpr,
-    HQ: tl.constexpr,
-    G: tl.constexpr,
-    GP: tl.constexpr,  # next_power_of_2(G): rows per token in the dot operand
-    K: tl.constexpr,
-    BK: tl.constexpr,  # next_power_of_2(K)
-    S: tl.constexpr,
-    SP: tl.constexpr,  # next_power_of_2(S): running list length
-    BS: tl.constexpr,  # block_size l
-    BT: tl.constexpr,
-    BC: tl.constexpr,
-    LOG_BT: tl.constexpr,  # log2(BT), log2(BC), log2(SP): the bitonic networks' depths
-    LOG_BC: tl.constexpr,
-    LOG_SP: tl.constexpr,
-    USE_LSE: tl.constexpr,
-    USE_TILES: tl.constexpr,
-    SKIP: tl.constexpr,
-    PREFETCH: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    i_tile, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    # Late tiles see the most blocks: launch them first so the tail of the grid is short.
-    i_tile = tl.num_programs(0) - 1 - i_tile
-    if USE_TILES:
-        tok0 = tl.load(tiles + i_tile * 4)
-        pos0 = tl.load(tiles + i_tile * 4 + 1)
-        n_tok = tl.load(tiles + i_tile * 4 + 2)
-        boc = tl.load(tiles + i_tile * 4 + 3)
-    else:
-        tok0 = i_tile * BT
-        pos0 = tok0
-        n_tok = tl.minimum(T - tok0, BT)
-        boc = i_tile * 0
-
-    # Dot rows r = token (r // GP) x head (r % GP) of the tile; padded heads are masked.
-    o_r = tl.arange(0, BT * GP)
-    o_rt = o_r // GP
-    o_rg = o_r % GP
-    m_r = (o_rt < n_tok) & (o_rg < G)
-    o_rq = (i_b * T + tok0 + o_rt).to(tl.int64) * HQ + i_h * G + o_rg  # [BT*GP] row of q / lse
-    nvis_r = (pos0 + o_rt + 1) // BS  # [BT*GP] blocks visible to the row's token
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    # [BT*GP, BK]
-    b_q = tl.load(q + o_rq[:, None] * K + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0)
-
-    o_t = tl.arange(0, BT)
-    m_t = o_t < n_tok
-    cur_t = (pos0 + o_t) // BS  # [BT] the token's own (forced) block
-    last = pos0 + n_tok - 1  # position of the tile's last token
-    n_vis = tl.where(n_tok > 0, (last + 1) // BS, 0)  # blocks visible to some token
-    n_cand = tl.where(n_tok > 0, last // BS + 1, 0)  # candidates of some token: [0, n_cand)
-    # Compressed row c of this sequence and head: k + ((i_b * TC + boc + c) * H + i_h) * K.
-    p_k0 = k + ((i_b * TC + boc).to(tl.int64) * H + i_h) * K
-
-    if USE_LSE:
-        b_lse = tl.load(lse + o_rq, mask=m_r, other=0).to(tl.float32)
-        # -inf (no visible block) or garbage: p is never used for such a row.
-        b_lse = tl.where((b_lse > float("-inf")) & (b_lse < float("inf")), b_lse, 0.0)
-        b_lse2 = b_lse * 1.4426950408889634  # log2 units
-    else:
-        b_m = tl.full([BT * GP], float("-inf"), dtype=tl.float32)
-        b_acc = tl.zeros([BT * GP], dtype=tl.float32)
-        if PREFETCH:
-            b_k = _load_keys(p_k0, 0, n_vis, boc, TC, o_k, m_k, H, K, BC)  # [BK, BC]
-        for i_c in range(0, n_vis, BC):
-            o_c = i_c + tl.arange(0, BC)
-            if not PREFETCH:
-                b_k = _load_keys(p_k0, i_c, n_vis, boc, TC, o_k, m_k, H, K, BC)
-            # [BT*GP, BC] logits in log2 units
-            b_s = tl.dot(b_q, b_k, input_precision=PRECISION) * qk_scale
-            if PREFETCH:
-                # The next chunk's load is in flight while this chunk's softmax runs.
-                b_k = _load_keys(p_k0, i_c + BC, n_vis, boc, TC, o_k, m_k, H, K, BC)
-            b_s = tl.where(o_c[None, :] < nvis_r[:, None], b_s, float("-inf"))
-            b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-            b_ms = tl.where(b_mn > float("-inf"), b_mn, 0.0)
-            b_acc = b_acc * tl.exp2(b_m - b_ms) + tl.sum(tl.exp2(b_s - b_ms[:, None]), 1)
-            b_m = b_mn
-        b_lse2 = tl.where(b_acc > 0, b_m + tl.log2(tl.where(b_acc > 0, b_acc, 1.0)), 0.0)
-
-    # Running list: SP best keys per token, descending; 0 = empty slot.
-    b_run = tl.zeros([BT, SP], dtype=tl.int64)
-    if PREFETCH:
-        b_k = _load_keys(p_k0, 0, n_vis, boc, TC, o_k, m_k, H, K, BC)  # [BK, BC]
-    for i_c in range(0, n_cand, BC):
-        o_c = i_c + tl.arange(0, BC)
-        if not PREFETCH:
-            b_k = _load_keys(p_k0, i_c, n_vis, boc, TC, o_k, m_k, H, K, BC)
-        # [BT*GP, BC]
-        b_s = tl.dot(b_q, b_k, input_precision=PRECISION) * qk_scale
-        if PREFETCH:
-            # The next chunk's load is in flight while this chunk's scores are sorted.
-            b_k = _load_keys(p_k0, i_c + BC, n_vis, boc, TC, o_k, m_k, H, K, BC)
-        # Blocks c <= cur of a token are visible except c == cur, which is forced below, and
-        # blocks past cur are no candidates: no visibility mask is needed here. Masked rows
-        # (padding heads, tokens past the tile) must not enter the head sum.
-        b_p = tl.where(m_r[:, None], tl.exp2(b_s - b_lse2[:, None]), 0.0)
-        # [BT, BC] mean over the G heads of each token
-        b_imp = tl.sum(tl.reshape(b_p, [BT, GP, BC]), 1) / G
-        m_forced = (o_c[None, :] == 0) | (o_c[None, :] == cur_t[:, None]) | (o_c[None, :] == cur_t[:, None] - 1)
-        m_cand = (o_c[None, :] <= cur_t[:, None]) & m_t[:, None]
-        b_score = tl.where(m_forced, 1.0, b_imp)
-        # [BT, BC] keys: score bits high, (2^31 - 1 - c) low; 0 for non-candidates
-        b_low = (2147483647 - o_c).to(tl.int64)
-        b_key = tl.where(m_cand, (b_score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | b_low[None, :], 0)
-        if SKIP:
-            # Any key above a token's worst kept key changes that token's list.
-            b_thr = tl.min(b_run, 1)  # [BT]
-            n_hit = tl.sum(tl.where(b_key > b_thr[:, None], 1, 0))
-            if n_hit > 0:
-                b_top = _topk_ascending(b_key, LOG_BT, LOG_BC, LOG_SP)  # [BT, SP]
-                b_run = _merge_descending(tl.maximum(b_run, b_top), LOG_BT, LOG_SP)
-        else:
-            b_top = _topk_ascending(b_key, LOG_BT, LOG_BC, LOG_SP)  # [BT, SP]
-            b_run = _merge_descending(tl.maximum(b_run, b_top), LOG_BT, LOG_SP)
-
-    # [BT, SP]
-    b_idx = tl.where(b_run > 0, 2147483647 - (b_run & 2147483647).to(tl.int32), -1)
-    o_s = tl.arange(0, SP)
-    p_o = o + ((i_b * T + tok0 + o_t).to(tl.int64) * H + i_h) * S
-    tl.store(p_o[:, None] + o_s[None, :], b_idx, mask=m_t[:, None] & (o_s < S)[None, :])
-
-
-# --------------------------------------------------------------------------------------
-# The "kq" kernel's networks. Same hypercube view as above; two differences:
-# - the direction of a compare-exchange is a boolean, so that the compare and the
-#   direction combine into one predicate (int64 compare, xor, two selects per element and
-#   layer; the int32 direction of _compare_swap costs two more instructions);
-# - rows of the running lists alternate in direction (row bit 0: even rows descending, odd
-#   rows ascending), so that two neighbouring lists are already a bitonic pair: folding
-#   them at the end is one maximum and one merge per level, no sort.
-# --------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -390,7 +181,12 @@ def _cx_merge(h, N: tl.constexpr, STAGE: tl.constexpr, ORDER: tl.constexpr):
 def _cx_topk(x, LOG_T: tl.constexpr, LOG_N: tl.constexpr, LOG_K: tl.constexpr, LAST: tl.constexpr):
     """[2^LOG_T, 2^LOG_N] -> the 2^LOG_K largest of each row, sorted in the direction
     LAST (an ORDER of _cx_merge: 0 ascending; 2 ascending on even rows and descending on
-    odd ones). The bitonic top-k of _topk_ascending."""
+    odd ones).
+
+    Bitonic top-k: sort runs of 2^LOG_K alternately up and down; the element-wise maximum
+    of two neighbouring runs (one up, one down) is a bitonic run holding the best 2^LOG_K
+    of both; merge and repeat until one run per row is left.
+    """
     N: tl.constexpr = LOG_T + LOG_N
     h = tl.reshape(x, [2] * N)
     for i in tl.static_range(1, LOG_K + 1):
@@ -443,40 +239,164 @@ def _head_sum(b_p, BC: tl.constexpr, THI: tl.constexpr, TLO: tl.constexpr, LOG_H
     return tl.reshape(h, [BC, THI * TLO])
 
 
+# --------------------------------------------------------------------------------------
+# What both kernels share: the tile, the query operand, the rows' lse, the candidates.
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile(tiles, i_tile, T, BT: tl.constexpr, USE_TILES: tl.constexpr):
+    """(first token, its position, tokens, first compressed row) of tile i_tile."""
+    if USE_TILES:
+        return (tl.load(tiles + i_tile * 4), tl.load(tiles + i_tile * 4 + 1), tl.load(tiles + i_tile * 4 + 2),
+                tl.load(tiles + i_tile * 4 + 3))
+    tok0 = i_tile * BT
+    return tok0, tok0, tl.minimum(T - tok0, BT), i_tile * 0
+
+
+@triton.jit
+def _load_rows(q, o_rows, m_rows, K: tl.constexpr, BK: tl.constexpr):
+    """The query rows o_rows (masked by m_rows) as a [N, BK] dot operand, with the head-dim
+    offsets and mask."""
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    return tl.load(q + o_rows[:, None] * K + o_k[None, :], mask=m_rows[:, None] & m_k[None, :], other=0), o_k, m_k
+
+
+@triton.jit
+def _tokens(pos0, n_tok, BT: tl.constexpr, BS: tl.constexpr):
+    """The tile's tokens [BT], their mask and current (forced) blocks, and the numbers of
+    blocks visible to some token and of candidates of some token ([0, n_cand))."""
+    o_t = tl.arange(0, BT)
+    last = pos0 + n_tok - 1  # position of the tile's last token
+    n_vis = tl.where(n_tok > 0, (last + 1) // BS, 0)
+    n_cand = tl.where(n_tok > 0, last // BS + 1, 0)
+    return o_t, o_t < n_tok, (pos0 + o_t) // BS, n_vis, n_cand
+
+
+@triton.jit
+def _load_keys(p_k0, i_c, n_vis, boc, TC, o_k, m_k, H: tl.constexpr, K: tl.constexpr, BC: tl.constexpr):
+    """[BK, BC] compressed keys i_c .. i_c + BC - 1 of the sequence (0 past the visible ones)."""
+    o_c = i_c + tl.arange(0, BC)
+    m_c = (o_c < n_vis) & (boc + o_c < TC)
+    return tl.load(p_k0 + o_c[None, :].to(tl.int64) * (H * K) + o_k[:, None], mask=m_k[:, None] & m_c[None, :], other=0)
+
+
+@triton.jit
+def _rows_lse2(b_q, lse, o_nq, m_n, nvis_n, p_k0, n_vis, boc, TC, o_k, m_k, qk_scale,
+               N: tl.constexpr, H: tl.constexpr, K: tl.constexpr, BC: tl.constexpr,
+               USE_LSE: tl.constexpr, PRECISION: tl.constexpr):
+    """[N] log-sum-exp (log2 units) of the compressed softmax of the dot operand's rows
+    b_q [N, BK]: loaded from the compression forward, or computed by a first pass over
+    the visible blocks with an online max/sum. A row that sees no block gets 0 (its p is
+    never used)."""
+    if USE_LSE:
+        b_lse = tl.load(lse + o_nq, mask=m_n, other=0).to(tl.float32)
+        b_lse = tl.where((b_lse > float("-inf")) & (b_lse < float("inf")), b_lse, 0.0)
+        return b_lse * LOG2E
+    b_m = tl.full([N], float("-inf"), dtype=tl.float32)
+    b_acc = tl.zeros([N], dtype=tl.float32)
+    for i_c in range(0, n_vis, BC):
+        o_c = i_c + tl.arange(0, BC)
+        b_k = _load_keys(p_k0, i_c, n_vis, boc, TC, o_k, m_k, H, K, BC)  # [BK, BC]
+        b_s = tl.dot(b_q, b_k, input_precision=PRECISION) * qk_scale  # [N, BC] log2 units
+        b_s = tl.where(o_c[None, :] < nvis_n[:, None], b_s, float("-inf"))
+        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+        b_ms = tl.where(b_mn > float("-inf"), b_mn, 0.0)
+        b_acc = b_acc * tl.exp2(b_m - b_ms) + tl.sum(tl.exp2(b_s - b_ms[:, None]), 1)
+        b_m = b_mn
+    return tl.where(b_acc > 0, b_m + tl.log2(tl.where(b_acc > 0, b_acc, 1.0)), 0.0)
+
+
+@triton.jit
+def _keys(b_imp, o_c, cur, m_tok):
+    """int64 sort keys of importances b_imp for blocks o_c and tokens with current block
+    cur (broadcast against each other): score bits high, (2^31 - 1 - c) low; forced blocks
+    {0, cur, cur - 1} score 1.0; 0 for non-candidates (c > cur, or a masked token)."""
+    m_forced = (o_c == 0) | (o_c == cur) | (o_c == cur - 1)
+    b_score = tl.where(m_forced, 1.0, b_imp)
+    b_low = (2147483647 - o_c).to(tl.int64)
+    return tl.where((o_c <= cur) & m_tok, (b_score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | b_low, 0)
+
+
+@triton.jit
+def _store_indices(o, b_top, i_b, i_h, tok0, o_t, m_t, T, H: tl.constexpr, S: tl.constexpr, SP: tl.constexpr):
+    """Writes the sorted keys b_top [BT, SP] as block indices (-1 for empty slots)."""
+    b_idx = tl.where(b_top > 0, 2147483647 - (b_top & 2147483647).to(tl.int32), -1)
+    o_s = tl.arange(0, SP)
+    p_o = o + ((i_b * T + tok0 + o_t).to(tl.int64) * H + i_h) * S
+    tl.store(p_o[:, None] + o_s[None, :], b_idx, mask=m_t[:, None] & (o_s < S)[None, :])
+
+
+# Arguments of both kernels:
+#   q [B, T, HQ, K] query; k [B, TC, H, K] compressed keys; lse [B, T, HQ] float32
+#   log-sum-exp of the compressed softmax (read iff USE_LSE); tiles [NT, 4] int32 (first
+#   token, first position, tokens, first compressed row; iff USE_TILES); qk_scale fp32
+#   softmax_scale * log2(e); T tokens and TC compressed rows per batch row; o [B, T, H, S]
+#   int32 block indices (the output). GP = next_power_of_2(G), BK = next_power_of_2(K),
+#   SP = next_power_of_2(S) the running list length, BS = l, BT tokens per program, BC
+#   compressed blocks per chunk; LOG_* the log2 of the sizes (the networks' depths).
+
+
+@triton.jit
+def nsa_topk_fwd_kernel(
+    q, k, lse, tiles, qk_scale, T, TC,
+    o,
+    H: tl.constexpr, HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+    S: tl.constexpr, SP: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    LOG_BT: tl.constexpr, LOG_BC: tl.constexpr, LOG_SP: tl.constexpr,
+    USE_LSE: tl.constexpr, USE_TILES: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The "qk" scheme: scores as Q @ K_cmp^T, dot rows = (token, head) pairs, one running
+    list per token."""
+    i_tile, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    # Late tiles see the most blocks: launch them first so the tail of the grid is short.
+    tok0, pos0, n_tok, boc = _tile(tiles, tl.num_programs(0) - 1 - i_tile, T, BT, USE_TILES)
+
+    # Dot rows r = token (r // GP) x head (r % GP) of the tile; padded heads are masked.
+    o_r = tl.arange(0, BT * GP)
+    o_rt = o_r // GP
+    o_rg = o_r % GP
+    m_r = (o_rt < n_tok) & (o_rg < G)
+    o_rq = (i_b * T + tok0 + o_rt).to(tl.int64) * HQ + i_h * G + o_rg  # [BT*GP] row of q / lse
+    b_q, o_k, m_k = _load_rows(q, o_rq, m_r, K, BK)  # [BT*GP, BK]
+    o_t, m_t, cur_t, n_vis, n_cand = _tokens(pos0, n_tok, BT, BS)
+    # Compressed row c of this sequence and head: k + ((i_b * TC + boc + c) * H + i_h) * K.
+    p_k0 = k + ((i_b * TC + boc).to(tl.int64) * H + i_h) * K
+    b_lse2 = _rows_lse2(b_q, lse, o_rq, m_r, (pos0 + o_rt + 1) // BS, p_k0, n_vis, boc, TC, o_k, m_k, qk_scale,
+                        BT * GP, H, K, BC, USE_LSE, PRECISION)
+
+    # Running list: SP best keys per token, descending; 0 = empty slot.
+    b_run = tl.zeros([BT, SP], dtype=tl.int64)
+    for i_c in range(0, n_cand, BC):
+        o_c = i_c + tl.arange(0, BC)
+        b_k = _load_keys(p_k0, i_c, n_vis, boc, TC, o_k, m_k, H, K, BC)
+        # [BT*GP, BC]
+        b_s = tl.dot(b_q, b_k, input_precision=PRECISION) * qk_scale
+        # Blocks c <= cur of a token are visible except c == cur, which is forced below, and
+        # blocks past cur are no candidates: no visibility mask is needed here. Masked rows
+        # (padding heads, tokens past the tile) must not enter the head sum.
+        b_p = tl.where(m_r[:, None], tl.exp2(b_s - b_lse2[:, None]), 0.0)
+        # [BT, BC] mean over the G heads of each token
+        b_imp = tl.sum(tl.reshape(b_p, [BT, GP, BC]), 1) / G
+        b_key = _keys(b_imp, o_c[None, :], cur_t[:, None], m_t[:, None])
+        b_top = _cx_topk(b_key, LOG_BT, LOG_BC, LOG_SP, 0)  # [BT, SP] ascending
+        b_run = _cx_rows(tl.maximum(b_run, b_top), LOG_BT, LOG_SP, 1)
+
+    _store_indices(o, b_run, i_b, i_h, tok0, o_t, m_t, T, H, S, SP)
+
+
 @triton.jit
 def nsa_topk_kq_fwd_kernel(
-    q,  # [B, T, HQ, K] query
-    k,  # [B, TC, H, K] compressed keys
-    lse,  # [B, T, HQ] float32 log-sum-exp of the compressed softmax (read iff USE_LSE)
-    tiles,  # [NT, 4] int32 (first token, first position, tokens, first compressed row); iff USE_TILES
-    qk_scale,  # fp32 softmax_scale * log2(e)
-    T,  # tokens per batch row
-    TC,  # compressed rows per batch row
-    o,  # [B, T, H, S] int32 block indices (output)
-    H: tl.constexpr,
-    HQ: tl.constexpr,
-    G: tl.constexpr,
-    GP: tl.constexpr,  # next_power_of_2(G)
-    K: tl.constexpr,
-    BK: tl.constexpr,  # next_power_of_2(K)
-    S: tl.constexpr,
-    SP: tl.constexpr,  # next_power_of_2(S): running list length
-    BS: tl.constexpr,  # block_size l
-    BT: tl.constexpr,  # tokens per program
-    BC: tl.constexpr,  # compressed blocks per chunk (dot rows)
+    q, k, lse, tiles, qk_scale, T, TC,
+    o,
+    H: tl.constexpr, HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+    S: tl.constexpr, SP: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
     BP: tl.constexpr,  # blocks per part: each part keeps its own running list
-    THI: tl.constexpr,  # BT = THI * TLO, GP = HHI * H0: the column order of _head_sum
-    TLO: tl.constexpr,
-    H0: tl.constexpr,
-    LOG_HHI: tl.constexpr,
-    LOG_BT: tl.constexpr,
-    LOG_BP: tl.constexpr,
-    LOG_NP: tl.constexpr,  # log2(BC // BP)
-    LOG_SP: tl.constexpr,
-    USE_LSE: tl.constexpr,
-    USE_TILES: tl.constexpr,
-    SKIP: tl.constexpr,
-    PRECISION: tl.constexpr,
+    THI: tl.constexpr, TLO: tl.constexpr, H0: tl.constexpr, LOG_HHI: tl.constexpr,  # column order of _head_sum
+    LOG_BT: tl.constexpr, LOG_BP: tl.constexpr, LOG_NP: tl.constexpr, LOG_SP: tl.constexpr,  # LOG_NP: log2(BC // BP)
+    USE_LSE: tl.constexpr, USE_TILES: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The "kq" scheme: scores as K_cmp @ Q^T, so that a token's heads sit in registers.
 
@@ -492,17 +412,7 @@ def nsa_topk_kq_fwd_kernel(
     """
     i_tile, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    i_tile = tl.num_programs(0) - 1 - i_tile
-    if USE_TILES:
-        tok0 = tl.load(tiles + i_tile * 4)
-        pos0 = tl.load(tiles + i_tile * 4 + 1)
-        n_tok = tl.load(tiles + i_tile * 4 + 2)
-        boc = tl.load(tiles + i_tile * 4 + 3)
-    else:
-        tok0 = i_tile * BT
-        pos0 = tok0
-        n_tok = tl.minimum(T - tok0, BT)
-        boc = i_tile * 0
+    tok0, pos0, n_tok, boc = _tile(tiles, tl.num_programs(0) - 1 - i_tile, T, BT, USE_TILES)
 
     N: tl.constexpr = BT * GP
     NP: tl.constexpr = BC // BP
@@ -512,38 +422,12 @@ def nsa_topk_kq_fwd_kernel(
     o_ng = ((o_n // (H0 * TLO)) % (GP // H0)) * H0 + o_n % H0
     m_n = (o_nt < n_tok) & (o_ng < G)
     o_nq = (i_b * T + tok0 + o_nt).to(tl.int64) * HQ + i_h * G + o_ng  # [N] row of q / lse
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    # [N, BK]
-    b_q = tl.load(q + o_nq[:, None] * K + o_k[None, :], mask=m_n[:, None] & m_k[None, :], other=0)
-
-    o_t = tl.arange(0, BT)
-    m_t = o_t < n_tok
-    cur_t = (pos0 + o_t) // BS  # [BT] the token's own (forced) block
-    last = pos0 + n_tok - 1
-    n_vis = tl.where(n_tok > 0, (last + 1) // BS, 0)
-    n_cand = tl.where(n_tok > 0, last // BS + 1, 0)
+    b_q, o_k, m_k = _load_rows(q, o_nq, m_n, K, BK)  # [N, BK]
+    o_t, m_t, cur_t, n_vis, n_cand = _tokens(pos0, n_tok, BT, BS)
     p_k0 = k + ((i_b * TC + boc).to(tl.int64) * H + i_h) * K
-
-    if USE_LSE:
-        b_lse = tl.load(lse + o_nq, mask=m_n, other=0).to(tl.float32)
-        b_lse = tl.where((b_lse > float("-inf")) & (b_lse < float("inf")), b_lse, 0.0)
-        b_lse2 = b_lse * 1.4426950408889634
-    else:
-        # The "qk" kernel's first pass on the same rows, same chunks: the same float32 bits.
-        nvis_n = (pos0 + o_nt + 1) // BS  # [N]
-        b_m = tl.full([N], float("-inf"), dtype=tl.float32)
-        b_acc = tl.zeros([N], dtype=tl.float32)
-        for i_c in range(0, n_vis, BC):
-            o_c = i_c + tl.arange(0, BC)
-            b_kt = _load_keys(p_k0, i_c, n_vis, boc, TC, o_k, m_k, H, K, BC)  # [BK, BC]
-            b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * qk_scale  # [N, BC]
-            b_s = tl.where(o_c[None, :] < nvis_n[:, None], b_s, float("-inf"))
-            b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-            b_ms = tl.where(b_mn > float("-inf"), b_mn, 0.0)
-            b_acc = b_acc * tl.exp2(b_m - b_ms) + tl.sum(tl.exp2(b_s - b_ms[:, None]), 1)
-            b_m = b_mn
-        b_lse2 = tl.where(b_acc > 0, b_m + tl.log2(tl.where(b_acc > 0, b_acc, 1.0)), 0.0)
+    # The "qk" kernel's first pass on the same rows, same chunks: the same float32 bits.
+    b_lse2 = _rows_lse2(b_q, lse, o_nq, m_n, (pos0 + o_nt + 1) // BS, p_k0, n_vis, boc, TC, o_k, m_k, qk_scale,
+                        N, H, K, BC, USE_LSE, PRECISION)
 
     b_qt = tl.trans(b_q)  # [BK, N]
     # Running lists: the SP best keys of each (token, part), sorted descending in even
@@ -561,31 +445,17 @@ def nsa_topk_kq_fwd_kernel(
         b_p = tl.where(m_n[None, :], tl.exp2(b_s - b_lse2[None, :]), 0.0)
         # [BC, BT]
         b_imp = _head_sum(b_p, BC, THI, TLO, LOG_HHI, H0) / G
-        m_forced = (o_c[:, None] == 0) | (o_c[:, None] == cur_t[None, :]) | (o_c[:, None] == cur_t[None, :] - 1)
-        m_cand = (o_c[:, None] <= cur_t[None, :]) & m_t[None, :]
-        b_score = tl.where(m_forced, 1.0, b_imp)
-        b_low = (2147483647 - o_c).to(tl.int64)
-        b_key = tl.where(m_cand, (b_score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | b_low[:, None], 0)
+        b_key = _keys(b_imp, o_c[:, None], cur_t[None, :], m_t[None, :])
         # [BT * NP, BP]: token-major, then part
         b_key = tl.reshape(tl.trans(b_key), [BT * NP, BP])
-        if SKIP:
-            b_thr = tl.min(b_run, 1)  # [BT * NP]
-            n_hit = tl.sum(tl.where(b_key > b_thr[:, None], 1, 0))
-            if n_hit > 0:
-                b_top = _cx_topk(b_key, LOG_BT + LOG_NP, LOG_BP, LOG_SP, LAST)
-                b_run = _cx_rows(tl.maximum(b_run, b_top), LOG_BT + LOG_NP, LOG_SP, MERGE)
-        else:
-            # The chunk's best SP of each part, in the direction opposite to its list: their
-            # maximum is a bitonic list holding the best SP of both.
-            b_top = _cx_topk(b_key, LOG_BT + LOG_NP, LOG_BP, LOG_SP, LAST)  # [BT * NP, SP]
-            b_run = _cx_rows(tl.maximum(b_run, b_top), LOG_BT + LOG_NP, LOG_SP, MERGE)
+        # The chunk's best SP of each part, in the direction opposite to its list: their
+        # maximum is a bitonic list holding the best SP of both.
+        b_top = _cx_topk(b_key, LOG_BT + LOG_NP, LOG_BP, LOG_SP, LAST)  # [BT * NP, SP]
+        b_run = _cx_rows(tl.maximum(b_run, b_top), LOG_BT + LOG_NP, LOG_SP, MERGE)
 
     # [BT, SP] descending: the best SP of each token's NP lists
     b_top = _cx_fold(tl.reshape(b_run, [BT, NP * SP]), LOG_BT, LOG_NP, LOG_SP)
-    b_idx = tl.where(b_top > 0, 2147483647 - (b_top & 2147483647).to(tl.int32), -1)
-    o_s = tl.arange(0, SP)
-    p_o = o + ((i_b * T + tok0 + o_t).to(tl.int64) * H + i_h) * S
-    tl.store(p_o[:, None] + o_s[None, :], b_idx, mask=m_t[:, None] & (o_s < S)[None, :])
+    _store_indices(o, b_top, i_b, i_h, tok0, o_t, m_t, T, H, S, SP)
 
 
 def _log2(n: int) -> int:
@@ -628,46 +498,26 @@ def kernel_constexprs(config: TopkConfig, h: int, hq: int, dk: int, num_selected
     if config.scheme == "kq":
         block_p = max(16, sp)
         block_c = max(config.block_c, block_p)
-        if config.block_t * gp < 16 or config.block_t < 4 or config.prefetch:
-            raise ValueError(f"scheme 'kq' needs block_t >= 4, block_t * next_power_of_2(G) >= 16 and no prefetch, got {config}")
+        if config.block_t * gp < 16 or config.block_t < 4:
+            raise ValueError(f"scheme 'kq' needs block_t >= 4 and block_t * next_power_of_2(G) >= 16, got {config}")
     else:
         block_c = max(config.block_c, sp)
     cx = dict(
-        H=h,
-        HQ=hq,
-        G=g,
-        GP=gp,
-        K=dk,
-        BK=max(16, triton.next_power_of_2(dk)),
-        S=num_selected,
-        SP=sp,
-        BS=block_size,
-        BT=config.block_t,
-        BC=block_c,
-        LOG_BT=_log2(config.block_t),
-        LOG_SP=_log2(sp),
-        USE_LSE=use_lse,
-        USE_TILES=use_tiles,
-        SKIP=config.skip,
-        PRECISION=config.precision if jnp.dtype(dtype) == jnp.float32 else "tf32",
+        H=h, HQ=hq, G=g, GP=gp, K=dk, BK=head_tile(dk), S=num_selected, SP=sp, BS=block_size, BT=config.block_t,
+        BC=block_c, LOG_BT=_log2(config.block_t), LOG_SP=_log2(sp), USE_LSE=use_lse, USE_TILES=use_tiles,
+        PRECISION=dot_precision(dtype),
     )
     if config.scheme == "qk":
-        return nsa_topk_fwd_kernel, dict(cx, LOG_BC=_log2(block_c), PREFETCH=config.prefetch)
+        return nsa_topk_fwd_kernel, dict(cx, LOG_BC=_log2(block_c))
     tlo, h0 = min(config.block_t, 4), min(gp, 2)
     return nsa_topk_kq_fwd_kernel, dict(
-        cx,
-        BP=block_p,
-        THI=config.block_t // tlo,
-        TLO=tlo,
-        H0=h0,
-        LOG_HHI=_log2(gp // h0),
-        LOG_BP=_log2(block_p),
+        cx, BP=block_p, THI=config.block_t // tlo, TLO=tlo, H0=h0, LOG_HHI=_log2(gp // h0), LOG_BP=_log2(block_p),
         LOG_NP=_log2(block_c // block_p),
     )
 
 
 def nsa_topk_fwd(query, k_cmp, lse, num_selected, block_size, softmax_scale, cu_seqlens, config=None):
-    """int32 [B, T, H, S] block indices via the kernel (no fallback; SP <= MAX_SLOTS)."""
+    """int32 [B, T, H, S] block indices via the kernel (SP <= MAX_SLOTS)."""
     _, seq_len, hq, dk = query.shape
     tc, h = k_cmp.shape[1], k_cmp.shape[2]
     if config is None:
@@ -684,19 +534,14 @@ def nsa_topk_fwd(query, k_cmp, lse, num_selected, block_size, softmax_scale, cu_
             tiles, num_tiles = _tile_table(cu_seqlens, seq_len, block_size, config.block_t)
         batch = query.shape[0]
         return triton_call(
-            query,
-            k_cmp,
+            query, k_cmp,
             lse if use_lse else query,  # a placeholder pointer when lse is computed in the kernel
-            tiles,
-            np.float32(softmax_scale * LOG2E),
-            seq_len,
-            tc,
+            tiles, log2_scale(softmax_scale), seq_len, tc,
             kernel=kernel,
             out_shape=jax.ShapeDtypeStruct((batch, seq_len, h, num_selected), jnp.int32),
             grid=(num_tiles, batch * h),
-            num_warps=config.num_warps,
-            num_stages=config.num_stages,
-            name="nsa_topk_kq_fwd" if config.scheme == "kq" else "nsa_topk_fwd",
+            num_warps=config.num_warps, num_stages=config.num_stages,
+            name="ejnsa_topk_kq_fwd" if config.scheme == "kq" else "ejnsa_topk_fwd",
             **cx,
         )
 
@@ -708,11 +553,12 @@ def nsa_topk(query, k_cmp, lse, num_selected, block_size, softmax_scale, cu_seql
     """int32 [B, T, H, S] block indices (local to each sequence), -1 padded; no gradient.
 
     `lse` [B, T, HQ] float32 from the compression forward, or None to compute it in the
-    kernel. S with next_power_of_2(S) > MAX_SLOTS (array block_counts on long sequences)
-    runs the XLA implementation instead, which gives the same result.
+    kernel. Raises Unsupported when next_power_of_2(S) > MAX_SLOTS (array block_counts
+    on long sequences): the resolver then runs the XLA implementation, same result.
     """
     if triton.next_power_of_2(num_selected) > MAX_SLOTS:
-        return xla_topk.nsa_topk(query, k_cmp, lse, num_selected, block_size, softmax_scale, cu_seqlens)
+        raise Unsupported(f"the Triton top-k keeps at most {MAX_SLOTS} slots in registers; "
+                          f"{num_selected} were asked for (next power of two {triton.next_power_of_2(num_selected)})")
     query, k_cmp = jax.lax.stop_gradient(query), jax.lax.stop_gradient(k_cmp)
     if lse is not None:
         lse = jax.lax.stop_gradient(lse).astype(jnp.float32)

@@ -1,4 +1,4 @@
-"""Compressed attention (SPEC step 2) and its block scores, in XLA.
+"""Compressed attention (semantics.md piece 2) and its block scores, in XLA.
 
 Token t (position p in its sequence) sees its sequence's compressed block c iff
 (c+1)*l - 1 <= p: the block is complete and in the past. With packed sequences the

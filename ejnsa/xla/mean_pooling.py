@@ -1,4 +1,4 @@
-"""Mean pooling of keys/values into compressed blocks (SPEC step 1), in XLA.
+"""Mean pooling of keys/values into compressed blocks (semantics.md piece 1), in XLA.
 
 Both Triton and XLA pipelines use this one: it is a cheap gather-and-mean that XLA
 fuses well, and its gradient (a scatter back to the tokens) comes from autodiff.

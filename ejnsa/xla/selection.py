@@ -1,4 +1,4 @@
-"""Selected (block-sparse) attention (SPEC step 4), in XLA.
+"""Selected (block-sparse) attention (semantics.md piece 4), in XLA.
 
 For each token the keys of its listed blocks are gathered ([S * l] keys per token and
 KV head) and attended with a causal mask. A block listed twice is gathered twice, so

@@ -1,4 +1,4 @@
-"""Top-k block selection (SPEC step 3), in XLA.
+"""Top-k block selection (semantics.md piece 3), in XLA.
 
 score[t, h, c] is the mean over the G query heads of KV head h of the compressed
 softmax probability of block c; forced blocks {0, t//l, t//l - 1} score 1.0, which no

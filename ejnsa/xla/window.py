@@ -1,4 +1,4 @@
-"""Sliding-window attention (SPEC step 5), in XLA.
+"""Sliding-window attention (semantics.md piece 5), in XLA.
 
 Each chunk of C queries needs only the C + w - 1 keys ending at its last token, so the
 keys are cut with one dynamic slice per chunk and memory stays O(T * (C + w)).

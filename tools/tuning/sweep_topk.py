@@ -1,6 +1,6 @@
-"""GPU sweep of the Triton top-k's variants (ejnsa/triton/topk.py, TopkConfig), side by side.
+"""GPU sweep of the Triton top-k's tile configurations (ejnsa/triton/topk.py, TopkConfig), side by side.
 
-Shape: GPU.md's anchor, bf16, B=1, HQ=64, H=4, D=128, l=64, S=16; T in {8192, 65536}.
+Shape: the benchmarks' anchor, bf16, B=1, HQ=64, H=4, D=128, l=64, S=16; T in {8192, 65536}.
 Inputs as in benchmarks/bench_nsa.py: random normal q and k (v unused), k_cmp by mean
 pooling, lse from the Triton compression forward (as the pipeline feeds the top-k).
 
@@ -18,9 +18,9 @@ Every case is guarded (an exception is printed and recorded, and the run goes on
 comes last; full results go to $OUT/sweep_topk.json (or --out). Each variant compiles once
 (T is a runtime argument), so the sweep takes about a minute.
 
-    python benchmarks/sweep_topk.py                       # GPU
-    python benchmarks/sweep_topk.py --T 65536 --only default qk
-    python benchmarks/sweep_topk.py --smoke               # CPU: tiny shape, interpreter
+    python tools/tuning/sweep_topk.py                       # GPU
+    python tools/tuning/sweep_topk.py --T 65536 --only default qk
+    python tools/tuning/sweep_topk.py --smoke               # CPU: tiny shape, interpreter
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ import os
 import sys
 import time
 
+# The benchmarks' shared helpers (timing, the float64 check of selections).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
 from _common import batched_ms, guarded, log, selection_problems, topk_scores_f64  # noqa: E402
 
 SHAPE = dict(B=1, HQ=64, H=4, D=128, block_size=64, S=16, dtype="bfloat16")
@@ -43,7 +45,7 @@ def variants(D: int, G: int, S: int, dtype) -> dict:
 
     d = C.default(D, G, S, dtype)
     qk = C.qk(D, G, S, dtype)
-    kq = dict(num_warps=d.num_warps, num_stages=d.num_stages, skip=False, scheme="kq")
+    kq = dict(num_warps=d.num_warps, num_stages=d.num_stages, scheme="kq")
 
     def kqv(**kw):
         return C(**{"block_t": d.block_t, "block_c": d.block_c, **kq, **kw})
@@ -59,9 +61,7 @@ def variants(D: int, G: int, S: int, dtype) -> dict:
         "kq_bt4_bc128": (kqv(block_t=4, block_c=128, num_warps=4), False),
         "kq_stages1": (kqv(num_stages=1), False),
         "kq_stages3": (kqv(num_stages=3), False),
-        "kq_skip": (kqv(skip=True), False),
         "qk": (qk, False),
-        "qk_noskip": (C(qk.block_t, qk.block_c, qk.num_warps, qk.num_stages, skip=False, scheme="qk"), False),
         "default+own_lse": (d, True),
         "qk+own_lse": (qk, True),
     }
