@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from ._registry import Backend, Platform, kernel_registry
-from ._varlen import cdiv
+from ._varlen import cdiv, token_info
 
 
 def topk_slots(block_counts, seq_len: int, block_size: int) -> int:
@@ -96,6 +96,11 @@ def native_sparse_attention_pipeline(
     if window_size > 0:
         o_swa = piece("sliding_window_attention", query, key, value, window_size, softmax_scale, cu_seqlens)
         o = o + gated(o_swa, g_swa)
+    if cu_seqlens is not None:
+        # Tokens outside every sequence output 0 whatever their gates hold (a select: no
+        # gradient reaches their gates either).
+        inside = token_info(cu_seqlens, seq_len, block_size).inside
+        o = jnp.where(inside[None, :, None, None], o, 0.0)
     return o.astype(query.dtype)
 
 

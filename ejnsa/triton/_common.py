@@ -1,5 +1,5 @@
 """What every Triton kernel file of ejnsa shares: the base-2 softmax constant, head-dim
-tile padding, and the dot precision.
+tile padding, the dot precision, and the flags of non-finite keys.
 
 One definition each, so that every kernel agrees on them (fla's ops/utils plays this part).
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import triton
@@ -38,3 +39,30 @@ def dot_precision(dtype) -> str:
     """
     return "tf32x3" if jnp.dtype(dtype) == jnp.float32 else "tf32"
 
+
+
+def bad_counts(key: jax.Array, value: jax.Array) -> jax.Array:
+    """Running count of the keys whose key or value vector holds a NaN or an Inf:
+    int32 [B * TK + 1, H] for key [B, TK, H, Dk], value [B, TK, H, Dv].
+
+    Entry (g, h) counts the flagged keys before global key g = b * TK + j of KV head h, so
+    a kernel learns with two scalar loads whether a run of keys [g0, g1) holds one, and
+    only then loads the flags themselves (`key_flags`). One read of key and value in XLA.
+    """
+    bad = jnp.any(~jnp.isfinite(key), axis=-1) | jnp.any(~jnp.isfinite(value), axis=-1)
+    bad = bad.reshape(-1, key.shape[2]).astype(jnp.int32)
+    return jnp.concatenate([jnp.zeros((1, key.shape[2]), jnp.int32), jnp.cumsum(bad, axis=0)], axis=0)
+
+
+@triton.jit
+def any_bad(bad, g0, g1, i_h, H: tl.constexpr):
+    """Whether the keys [g0, g1) (global, g0 <= g1) of KV head i_h hold a flagged one
+    (`bad` from `bad_counts`)."""
+    return tl.load(bad + g1 * H + i_h) - tl.load(bad + g0 * H + i_h) > 0
+
+
+@triton.jit
+def key_flags(bad, o_g, m_g, i_h, H: tl.constexpr):
+    """[N] whether each global key o_g (where m_g) of KV head i_h is flagged."""
+    p = bad + o_g * H + i_h
+    return (tl.load(p + H, mask=m_g, other=0) - tl.load(p, mask=m_g, other=0)) > 0

@@ -67,7 +67,8 @@ import triton
 import triton.language as tl
 
 from ._call import triton_call
-from ._common import dot_precision, head_tile, log2_scale
+from .._varlen import segment_tiles
+from ._common import any_bad, bad_counts, dot_precision, head_tile, key_flags, log2_scale
 from ._vmap import vmappable
 
 LN2 = math.log(2.0)
@@ -198,8 +199,8 @@ def _load_2d(p, m_a, m_b, MASK_A: tl.constexpr, MASK_B: tl.constexpr):
 
 @triton.jit
 def _fwd_step(
-    b_q, b_acc, b_m, b_l, b_klo, b_khi,  # [BM, BK], [BM, BV], [BM], [BM], [BM], [BM]
-    k, v, i_bk, i_h, i_j, j_hi, scale_log2,
+    b_q, b_acc, b_m, b_l, b_nan, b_klo, b_khi,  # [BM, BK], [BM, BV], [BM] x 5
+    k, v, bad, i_bk, i_h, i_j, j_hi, scale_log2,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     MASKED: tl.constexpr, PREC: tl.constexpr,
@@ -211,8 +212,16 @@ def _fwd_step(
     o_v = tl.arange(0, BV)
     o_kv = (i_bk + o_j) * H + i_h  # [BN] int64 row of k / v
     m_j = o_j < j_hi
+    # A key whose key or value holds a NaN or Inf (docs/semantics.md, "Bad values"): in a
+    # masked step it loads as 0, so that a masked p = 0 never meets it in a product; the
+    # rows that see it are marked NaN below. (An unmasked step's rows all see all its keys.)
+    if MASKED:
+        b_bad = key_flags(bad, i_bk + o_j, m_j, i_h, H)  # [BN]
+        m_kv = m_j & ~b_bad
+    else:
+        m_kv = m_j
     # [BK, BN]
-    b_kt = _load_2d(k + o_kv[None, :] * K + o_k[:, None], (o_k < K)[:, None], m_j[None, :], BK != K, MASKED)
+    b_kt = _load_2d(k + o_kv[None, :] * K + o_k[:, None], (o_k < K)[:, None], m_kv[None, :], BK != K, MASKED)
     # [BM, BN], log2 units
     b_s = tl.dot(b_q, b_kt, input_precision=PREC) * scale_log2
     if MASKED:
@@ -228,10 +237,15 @@ def _fwd_step(
     b_p = tl.exp2(b_s - b_sh[:, None])  # [BM, BN]
     b_l = b_l * b_alpha + tl.sum(b_p, 1)
     # [BN, BV]
-    b_v = _load_2d(v + o_kv[:, None] * V + o_v[None, :], m_j[:, None], (o_v < V)[None, :], MASKED, BV != V)
+    b_v = _load_2d(v + o_kv[:, None] * V + o_v[None, :], m_kv[:, None], (o_v < V)[None, :], MASKED, BV != V)
+    if any_bad(bad, i_bk + i_j, i_bk + tl.minimum(i_j + BN, j_hi), i_h, H):  # rare
+        if MASKED:
+            b_nan = b_nan | (tl.max(tl.where(m_s & b_bad[None, :], 1, 0), 1) > 0)
+        else:
+            b_nan = b_nan | True
     b_acc = b_acc * b_alpha[:, None]
     b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc, input_precision=PREC)
-    return b_acc, b_mn, b_l
+    return b_acc, b_mn, b_l, b_nan
 
 
 @triton.jit
@@ -272,14 +286,14 @@ def _query_tile(klo, khi, T, HQ: tl.constexpr, G: tl.constexpr, BM: tl.constexpr
 
 @triton.jit
 def band_fwd_kernel(
-    q, k, v, klo, khi, scale_log2, T, TK,
+    q, k, v, bad, klo, khi, scale_log2, T, TK,
     o, lse,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """q [B, T, HQ, K], k [B, TK, H, K], v [B, TK, H, V], klo / khi int32 [T]
-    -> o [B, T, HQ, V] (q's dtype), lse float32 [B, T, HQ] in log2 units (-inf: no key).
-    Grid (cdiv(T * G, BM), H, B)."""
+    """q [B, T, HQ, K], k [B, TK, H, K], v [B, TK, H, V], bad int32 [B * TK + 1, H]
+    (`bad_counts`), klo / khi int32 [T] -> o [B, T, HQ, V] (q's dtype), lse float32
+    [B, T, HQ] in log2 units (-inf: no key). Grid (cdiv(T * G, BM), H, B)."""
     i_h, i_b, m_r, o_row, b_klo, b_khi, lo, hi, n1, s2, n2, s3, n3 = _query_tile(klo, khi, T, HQ, G, BM, BN)
 
     o_k = tl.arange(0, BK)
@@ -289,20 +303,28 @@ def band_fwd_kernel(
     b_acc = tl.zeros([BM, BV], dtype=tl.float32)
     b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BM], dtype=tl.float32)
+    # rows to mark NaN: a non-finite query, then (in the steps) a flagged key seen
+    b_nan = tl.max(tl.where((b_q == b_q) & (tl.abs(b_q.to(tl.float32)) < float("inf")), 0, 1), 1) > 0
     i_bk = i_b * TK
     for i in range(n1):
-        b_acc, b_m, b_l = _fwd_step(b_q, b_acc, b_m, b_l, b_klo, b_khi, k, v, i_bk, i_h, lo + i * BN, hi,
-                                    scale_log2, H, K, V, BN, BK, BV, True, PREC)
+        b_acc, b_m, b_l, b_nan = _fwd_step(b_q, b_acc, b_m, b_l, b_nan, b_klo, b_khi, k, v, bad, i_bk, i_h,
+                                           lo + i * BN, hi, scale_log2, H, K, V, BN, BK, BV, True, PREC)
     for i in range(n2):
-        b_acc, b_m, b_l = _fwd_step(b_q, b_acc, b_m, b_l, b_klo, b_khi, k, v, i_bk, i_h, s2 + i * BN, hi,
-                                    scale_log2, H, K, V, BN, BK, BV, False, PREC)
+        b_acc, b_m, b_l, b_nan = _fwd_step(b_q, b_acc, b_m, b_l, b_nan, b_klo, b_khi, k, v, bad, i_bk, i_h,
+                                           s2 + i * BN, hi, scale_log2, H, K, V, BN, BK, BV, False, PREC)
     for i in range(n3):
-        b_acc, b_m, b_l = _fwd_step(b_q, b_acc, b_m, b_l, b_klo, b_khi, k, v, i_bk, i_h, s3 + i * BN, hi,
-                                    scale_log2, H, K, V, BN, BK, BV, True, PREC)
+        b_acc, b_m, b_l, b_nan = _fwd_step(b_q, b_acc, b_m, b_l, b_nan, b_klo, b_khi, k, v, bad, i_bk, i_h,
+                                           s3 + i * BN, hi, scale_log2, H, K, V, BN, BK, BV, True, PREC)
 
-    has = b_l > 0
-    b_o = b_acc / tl.where(has, b_l, 1.0)[:, None]
+    # A row sees keys by its interval, not by its values: one that sees none gets o = 0 and
+    # lse = -inf whatever the values hold; one that sees a non-finite value, or asks with a
+    # non-finite query, gets NaN in both.
+    has = b_khi > b_klo
+    b_nan = b_nan & has
+    b_o = tl.where(has[:, None], b_acc / tl.where(has, b_l, 1.0)[:, None], 0.0)
+    b_o = tl.where(b_nan[:, None], float("nan"), b_o)
     b_lse = tl.where(has, b_m + tl.log2(tl.where(has, b_l, 1.0)), float("-inf"))
+    b_lse = tl.where(b_nan, float("nan"), b_lse)
     m_o = m_r[:, None] & (o_v < V)[None, :]
     tl.store(o + o_row[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_o)
     tl.store(lse + o_row, b_lse, mask=m_r)
@@ -321,7 +343,7 @@ def _load_row_stats(lse, delta, o_row, m_r):
 @triton.jit
 def _dq_step(
     b_q, b_do, b_dq, b_lse, b_delta, b_klo, b_khi,  # [BM, BK], [BM, BV], [BM, BK], [BM] x 4
-    k, v, i_bk, i_h, i_j, j_hi, scale_log2,
+    k, v, bad, i_bk, i_h, i_j, j_hi, scale_log2,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     MASKED: tl.constexpr, PREC: tl.constexpr,
@@ -331,8 +353,11 @@ def _dq_step(
     o_v = tl.arange(0, BV)
     o_kv = (i_bk + o_j) * H + i_h
     m_j = o_j < j_hi
-    b_k = _load_2d(k + o_kv[:, None] * K + o_k[None, :], m_j[:, None], (o_k < K)[None, :], MASKED, BK != K)  # [BN, BK]
-    b_v = _load_2d(v + o_kv[:, None] * V + o_v[None, :], m_j[:, None], (o_v < V)[None, :], MASKED, BV != V)  # [BN, BV]
+    # Keys holding a NaN or Inf load as 0 (as in the forward): the masked dS = 0 of a row
+    # that does not see one stays 0 in dS @ K, and so does P = 0 in dO @ V^T.
+    m_kv = m_j & ~key_flags(bad, i_bk + o_j, m_j, i_h, H)
+    b_k = _load_2d(k + o_kv[:, None] * K + o_k[None, :], m_kv[:, None], (o_k < K)[None, :], True, BK != K)  # [BN, BK]
+    b_v = _load_2d(v + o_kv[:, None] * V + o_v[None, :], m_kv[:, None], (o_v < V)[None, :], True, BV != V)  # [BN, BV]
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale_log2  # [BM, BN]
     b_p = tl.exp2(b_s - b_lse[:, None])
     if MASKED:
@@ -346,7 +371,7 @@ def _dq_step(
 
 @triton.jit
 def band_bwd_dq_kernel(
-    q, k, v, do, lse, delta, klo, khi, scale_log2, scale, T, TK,
+    q, k, v, bad, do, lse, delta, klo, khi, scale_log2, scale, T, TK,
     dq,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
@@ -363,13 +388,13 @@ def band_bwd_dq_kernel(
     b_dq = tl.zeros([BM, BK], dtype=tl.float32)
     i_bk = i_b * TK
     for i in range(n1):
-        b_dq = _dq_step(b_q, b_do, b_dq, b_lse, b_delta, b_klo, b_khi, k, v, i_bk, i_h, lo + i * BN, hi,
+        b_dq = _dq_step(b_q, b_do, b_dq, b_lse, b_delta, b_klo, b_khi, k, v, bad, i_bk, i_h, lo + i * BN, hi,
                         scale_log2, H, K, V, BN, BK, BV, True, PREC)
     for i in range(n2):
-        b_dq = _dq_step(b_q, b_do, b_dq, b_lse, b_delta, b_klo, b_khi, k, v, i_bk, i_h, s2 + i * BN, hi,
+        b_dq = _dq_step(b_q, b_do, b_dq, b_lse, b_delta, b_klo, b_khi, k, v, bad, i_bk, i_h, s2 + i * BN, hi,
                         scale_log2, H, K, V, BN, BK, BV, False, PREC)
     for i in range(n3):
-        b_dq = _dq_step(b_q, b_do, b_dq, b_lse, b_delta, b_klo, b_khi, k, v, i_bk, i_h, s3 + i * BN, hi,
+        b_dq = _dq_step(b_q, b_do, b_dq, b_lse, b_delta, b_klo, b_khi, k, v, bad, i_bk, i_h, s3 + i * BN, hi,
                         scale_log2, H, K, V, BN, BK, BV, True, PREC)
     b_dq = b_dq * scale
     tl.store(dq + o_row[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_r[:, None] & (o_k < K)[None, :])
@@ -407,29 +432,45 @@ def _dkv_step(
     b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv, input_precision=PREC)  # [BN, BV]
     b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)  # [BN, BM]
     b_dst = b_pt * (b_dpt - b_delta[None, :])
+    if MASKED:
+        # A masked dS is 0 even where the row's delta is NaN (a select, not a product).
+        b_dst = tl.where(m_s, b_dst, 0.0)
     b_dk = tl.dot(b_dst.to(b_q.dtype), b_q, b_dk, input_precision=PREC)  # [BN, BK]
     return b_dk, b_dv
 
 
 @triton.jit
 def band_bwd_dkv_kernel(
-    q, k, v, do, lse, delta, qf, ql, scale_log2, scale, T, TK, QS,
+    q, k, v, do, lse, delta, qf, ql, tiles, scale_log2, scale, T, TK, QS,
     dk, dv,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    USE_TILES: tl.constexpr,
 ):
-    """qf / ql int32 [TK]: key j is seen by the query tokens [qf[j], ql[j]]
+    """qf / ql int32 [TK]: key j is seen by the query tokens [qf[j], ql[j]]; tiles int32
+    [NT, 2] (first key, keys <= BN) when USE_TILES, else tile i holds keys [i * BN, ..)
     -> dk [NS, B, TK, H, K], dv [NS, B, TK, H, V]: part s from the query tokens
-    [s * QS, (s + 1) * QS). Grid (cdiv(TK, BN), NS, B * H)."""
+    [s * QS, (s + 1) * QS). Grid (NT, NS, B * H).
+
+    With packed sequences the key tiles never straddle a sequence boundary, so the query
+    rows a tile streams belong to its keys' sequence: a NaN in one sequence's queries or
+    cotangents, multiplied by a masked 0, cannot reach another sequence's dK/dV."""
     i_n = tl.program_id(0)
     i_s = tl.program_id(1)
     i_h = tl.program_id(2) % H
     i_b = (tl.program_id(2) // H).to(tl.int64)
     B = tl.num_programs(2) // H
-    j_a = i_n * BN
-    j_b = tl.minimum(j_a + BN, TK) - 1
+    if USE_TILES:
+        j_a = tl.load(tiles + 2 * i_n)
+        n_j = tl.load(tiles + 2 * i_n + 1)
+        if n_j == 0:  # past the true number of tiles
+            return
+    else:
+        j_a = i_n * BN
+        n_j = tl.minimum(BN, TK - j_a)
+    j_b = j_a + n_j - 1
     o_j = j_a + tl.arange(0, BN)  # [BN]
-    m_j = o_j < TK
+    m_j = o_j <= j_b
     b_qf = tl.load(qf + o_j, mask=m_j, other=1)  # keys past TK: empty query interval
     b_ql = tl.load(ql + o_j, mask=m_j, other=0)
     # This part's tokens, intersected with the tile's query range and the range that
@@ -471,12 +512,15 @@ def band_bwd_dkv_kernel(
 
 class Intervals(NamedTuple):
     """The band: query token t sees keys [klo[t], khi[t]); key j is seen by the tokens
-    [qf[j], ql[j]]. int32, [T] and [TK]; the same for every batch row."""
+    [qf[j], ql[j]]. int32, [T] and [TK]; the same for every batch row. key_bounds: None
+    for one sequence per batch row, else the boundaries of the key segments (one per packed
+    sequence, and the keys that belong to none) that dK/dV tiles must not straddle."""
 
     klo: jax.Array
     khi: jax.Array
     qf: jax.Array
     ql: jax.Array
+    key_bounds: jax.Array | None = None
 
 
 def clip_intervals(iv: Intervals, seq_len: int, num_keys: int) -> Intervals:
@@ -486,7 +530,8 @@ def clip_intervals(iv: Intervals, seq_len: int, num_keys: int) -> Intervals:
     khi = jnp.clip(iv.khi, klo, num_keys).astype(jnp.int32)
     qf = jnp.clip(iv.qf, 0, seq_len).astype(jnp.int32)
     ql = jnp.clip(iv.ql, -1, seq_len - 1).astype(jnp.int32)
-    return Intervals(klo, khi, qf, ql)
+    bounds = None if iv.key_bounds is None else jnp.clip(iv.key_bounds, 0, num_keys).astype(jnp.int32)
+    return Intervals(klo, khi, qf, ql, bounds)
 
 
 def _dims(q, k, v):
@@ -499,7 +544,7 @@ def band_forward(q, k, v, iv: Intervals, softmax_scale: float, cfg: BandFwdConfi
     """-> o [B, T, HQ, V] (q's dtype), lse float32 [B, T, HQ] in log2 units."""
     B, T, HQ, H, G, K, V, TK = _dims(q, k, v)
     return triton_call(
-        q, k, v, iv.klo, iv.khi, log2_scale(softmax_scale), T, TK,
+        q, k, v, bad_counts(k, v), iv.klo, iv.khi, log2_scale(softmax_scale), T, TK,
         kernel=band_fwd_kernel,
         out_shape=(jax.ShapeDtypeStruct((B, T, HQ, V), q.dtype), jax.ShapeDtypeStruct((B, T, HQ), jnp.float32)),
         grid=(triton.cdiv(T * G, cfg.block_m), H, B),
@@ -513,7 +558,7 @@ def band_backward_dq(q, k, v, do, lse, delta, iv: Intervals, softmax_scale: floa
     """-> dq [B, T, HQ, K] in q's dtype."""
     B, T, HQ, H, G, K, V, TK = _dims(q, k, v)
     return triton_call(
-        q, k, v, do, lse, delta, iv.klo, iv.khi, log2_scale(softmax_scale), np.float32(softmax_scale), T, TK,
+        q, k, v, bad_counts(k, v), do, lse, delta, iv.klo, iv.khi, log2_scale(softmax_scale), np.float32(softmax_scale), T, TK,
         kernel=band_bwd_dq_kernel,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         grid=(triton.cdiv(T * G, cfg.block_m), H, B),
@@ -531,14 +576,19 @@ def band_backward_dkv(q, k, v, do, lse, delta, iv: Intervals, softmax_scale: flo
     qs = T if split <= 0 else min(split, T)
     ns = triton.cdiv(T, qs)
     part_dtype = k.dtype if ns == 1 else jnp.float32
+    if iv.key_bounds is None:
+        tiles, num_tiles = jnp.zeros((1, 2), jnp.int32), triton.cdiv(TK, cfg.block_n)  # tiles: never read
+    else:
+        first, count, _, num_tiles = segment_tiles(iv.key_bounds, TK, cfg.block_n)
+        tiles = jnp.stack([first, count], axis=1)
     dk, dv = triton_call(
-        q, k, v, do, lse, delta, iv.qf, iv.ql, log2_scale(softmax_scale), np.float32(softmax_scale), T, TK, qs,
+        q, k, v, do, lse, delta, iv.qf, iv.ql, tiles, log2_scale(softmax_scale), np.float32(softmax_scale), T, TK, qs,
         kernel=band_bwd_dkv_kernel,
         out_shape=(jax.ShapeDtypeStruct((ns, B, TK, H, K), part_dtype), jax.ShapeDtypeStruct((ns, B, TK, H, V), part_dtype)),
-        grid=(triton.cdiv(TK, cfg.block_n), ns, B * H),
+        grid=(num_tiles, ns, B * H),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, name="ejnsa_band_bwd_dkv",
         HQ=HQ, H=H, G=G, K=K, V=V, BN=cfg.block_n, BM=cfg.block_m, BK=head_tile(K), BV=head_tile(V),
-        PREC=dot_precision(q.dtype),
+        PREC=dot_precision(q.dtype), USE_TILES=iv.key_bounds is not None,
     )
     return _sum_parts(dk, k.dtype), _sum_parts(dv, v.dtype)
 

@@ -62,18 +62,26 @@ class CompressionIntervals:
     block_size: int
 
     def __call__(self, cu_seqlens, seq_len: int, num_rows: int) -> Intervals:
-        l = self.block_size
-        info = token_info(cu_seqlens, seq_len, l)
+        size = self.block_size
+        info = token_info(cu_seqlens, seq_len, size)
         klo = info.boc
-        khi = info.boc + (info.pos + 1) // l
-        seqs = sequence_info(cu_seqlens, seq_len, l)
+        khi = info.boc + (info.pos + 1) // size
+        seqs = sequence_info(cu_seqlens, seq_len, size)
         ends = seqs.boc + seqs.num_blocks
         c = jnp.arange(num_rows, dtype=jnp.int32)
         s = jnp.clip(jnp.searchsorted(ends, c, side="right"), 0, ends.shape[0] - 1)
         valid = c < ends[-1]
-        qf = jnp.where(valid, seqs.bos[s] + (c - seqs.boc[s] + 1) * l - 1, seq_len)
+        qf = jnp.where(valid, seqs.bos[s] + (c - seqs.boc[s] + 1) * size - 1, seq_len)
         ql = jnp.where(valid, seqs.bos[s] + seqs.seq_len[s] - 1, seq_len - 1)
-        return clip_intervals(Intervals(klo, khi, qf, ql), seq_len, num_rows)
+        bounds = None
+        if cu_seqlens is not None:
+            # A token outside every sequence sees no row: empty intervals, at row 0 before
+            # the sequences and at their total after them, so both ends never decrease.
+            t = jnp.arange(seq_len, dtype=jnp.int32)
+            khi = jnp.where(info.inside, khi, jnp.where(t < info.bos, 0, ends[-1]))
+            klo = jnp.where(info.inside, klo, khi)
+            bounds = jnp.concatenate([seqs.boc, ends[-1:], jnp.full((1,), num_rows, jnp.int32)])
+        return clip_intervals(Intervals(klo, khi, qf, ql, bounds), seq_len, num_rows)
 
 
 def nsa_compression_with(query, k_cmp, v_cmp, block_size, softmax_scale, cu_seqlens, configs: BandConfigs):

@@ -58,7 +58,7 @@ import triton.language as tl
 from .._registry import Backend, Platform, kernel_registry
 from .._varlen import cdiv
 from ._call import triton_call
-from ._common import LOG2E, dot_precision, head_tile, log2_scale
+from ._common import LOG2E, any_bad, bad_counts, dot_precision, head_tile, key_flags, log2_scale
 from ._vmap import vmappable
 from .selection_index import block_rows, block_starts, tile_union, token_lists, token_segment
 
@@ -253,31 +253,43 @@ def _tile_union_of(union, count, mult, i_h, i_tile, NT, W: tl.constexpr, BT: tl.
 
 
 @triton.jit
-def _union_step(b_q, k, v, p_u, p_w, i, r_tok, m_r, t_r, o_c, o_k, o_v, m_k, m_v, t_hi, i_h, qk_scale,
+def _union_step(b_q, b_nan, k, v, bad, p_u, p_w, i, r_tok, m_r, t_r, o_c, o_k, o_v, m_k, m_v, t_hi, i_h, qk_scale,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NC: tl.constexpr,
-                BC: tl.constexpr, PREC: tl.constexpr):
+                BC: tl.constexpr, PREC: tl.constexpr, MARK: tl.constexpr):
     """Step i of a tile's union loop (key chunk i % NC of union block i // NC): the scores
     [M, BC] in log2 units and where they count (the row's token selected the block and
-    j <= t), the block's multiplicity for each row's token [M], and K [BC, BK], V [BC, BV]
-    (0 past the tile's last token t_hi)."""
+    j <= t), the block's multiplicity for each row's token [M], K [BC, BK], V [BC, BV] (0 past
+    the tile's last token t_hi), and the rows marked NaN [M] (with MARK).
+
+    A key whose key or value holds a NaN or Inf (`bad` from `bad_counts`) loads as 0, so
+    that a masked weight of 0 never meets it in a product: the rows of other tokens, other
+    sequences included, stay clean. With MARK (the forward) the rows that do attend it
+    are marked NaN."""
     i_u = i // NC
     i_c = i % NC
     s = tl.load(p_u + i_u)  # global token of the block's first key
     b_w = tl.load(p_w + i_u * BT + r_tok, mask=m_r, other=0).to(tl.float32)
-    o_j = s + i_c * BC + o_c  # [BC] global key tokens
+    g0 = s + i_c * BC
+    o_j = g0 + o_c  # [BC] global key tokens
     m_j = o_j <= t_hi
+    b_bad = key_flags(bad, o_j, m_j, i_h, H)  # [BC]
+    m_kv = m_j & ~b_bad
     p_kv = (s.to(tl.int64) * H + i_h)
     o_kv = (i_c * BC + o_c) * H
-    b_k = tl.load(k + p_kv * K + o_kv[:, None] * K + o_k[None, :], mask=m_j[:, None] & m_k[None, :], other=0.0)
-    b_v = tl.load(v + p_kv * V + o_kv[:, None] * V + o_v[None, :], mask=m_j[:, None] & m_v[None, :], other=0.0)
+    b_k = tl.load(k + p_kv * K + o_kv[:, None] * K + o_k[None, :], mask=m_kv[:, None] & m_k[None, :], other=0.0)
+    b_v = tl.load(v + p_kv * V + o_kv[:, None] * V + o_v[None, :], mask=m_kv[:, None] & m_v[None, :], other=0.0)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
     m_s = (o_j[None, :] <= t_r[:, None]) & (b_w[:, None] > 0)
-    return b_s, m_s, b_w, b_k, b_v
+    if MARK:
+        g1 = tl.minimum(g0 + BC, t_hi + 1)
+        if any_bad(bad, tl.minimum(g0, g1), g1, i_h, H):  # rare
+            b_nan = b_nan | (tl.max(tl.where(m_s & b_bad[None, :], 1, 0), 1) > 0)
+    return b_s, m_s, b_w, b_k, b_v, b_nan
 
 
 @triton.jit
 def selection_fwd_kernel(
-    q, k, v, union, count, mult,  # inputs
+    q, k, v, bad, union, count, mult,  # inputs
     T, NTT, qk_scale,  # scalars
     o, lse,  # outputs
     H: tl.constexpr, HQ: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -303,9 +315,14 @@ def selection_fwd_kernel(
     b_m = tl.full([M], float("-inf"), tl.float32)
     b_l = tl.zeros([M], tl.float32)
     b_o = tl.zeros([M, BV], tl.float32)
+    # rows to mark NaN: a non-finite query, then (in the steps) a flagged key attended
+    b_nan = tl.max(tl.where((b_q == b_q) & (tl.abs(b_q.to(tl.float32)) < float("inf")), 0, 1), 1) > 0
+    b_has = tl.zeros([M], tl.int1)  # the row's token selected a block: it attends >= 1 key
     for i in range(0, n_u * NC):
-        b_s, m_s, b_w, b_k, b_v = _union_step(b_q, k, v, p_u, p_w, i, r_tok, m_r, t_r, o_c, o_k, o_v, m_k, m_v,
-                                              t_hi, i_h, qk_scale, H, K, V, BT, NC, BC, PREC)
+        b_s, m_s, b_w, b_k, b_v, b_nan = _union_step(b_q, b_nan, k, v, bad, p_u, p_w, i, r_tok, m_r, t_r, o_c, o_k,
+                                                     o_v, m_k, m_v, t_hi, i_h, qk_scale, H, K, V, BT, NC, BC, PREC,
+                                                     True)
+        b_has = b_has | (b_w > 0)
         b_s = tl.where(m_s, b_s, float("-inf"))
         b_mn = tl.maximum(b_m, tl.max(b_s, 1))
         # a row that has seen no key keeps m = -inf; shift by 0 so that nothing is NaN
@@ -316,18 +333,22 @@ def selection_fwd_kernel(
         b_o = b_o * b_a[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
         b_m = b_mn
 
-    b_has = b_l > 0
-    b_o = b_o / tl.where(b_has, b_l, 1.0)[:, None]
+    # Whether a row attends anything comes from the selection, not from the values: a NaN
+    # score gives a NaN row (and lse), not an empty one.
+    b_nan = b_nan & b_has
+    b_o = tl.where(b_has[:, None], b_o / tl.where(b_has, b_l, 1.0)[:, None], 0.0)
+    b_o = tl.where(b_nan[:, None], float("nan"), b_o)
     tl.store(o + row0 * V + o_row[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty),
              mask=m_r[:, None] & m_v[None, :])
     if i_v == 0:
         b_lse = tl.where(b_has, (b_m + tl.log2(tl.where(b_has, b_l, 1.0))) / LOG2E, float("-inf"))
+        b_lse = tl.where(b_nan, float("nan"), b_lse)
         tl.store(lse + row0 + o_row, b_lse, mask=m_r)
 
 
 @triton.jit
 def selection_bwd_dq_kernel(
-    q, k, v, o, do, lse, union, count, mult,  # inputs
+    q, k, v, bad, o, do, lse, union, count, mult,  # inputs
     T, NTT, qk_scale, scale,  # scalars
     dq, delta,  # outputs
     H: tl.constexpr, HQ: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -364,8 +385,9 @@ def selection_bwd_dq_kernel(
 
     b_dq = tl.zeros([M, BK], tl.float32)
     for i in range(0, n_u * NC):
-        b_s, m_s, b_w, b_k, b_v = _union_step(b_q, k, v, p_u, p_w, i, r_tok, m_r, t_r, o_c, o_k, o_v, m_k, m_v,
-                                              t_hi, i_h, qk_scale, H, K, V, BT, NC, BC, PREC)
+        # (dq marks no rows: the b_nan slot is filled with m_r and its result dropped)
+        b_s, m_s, b_w, b_k, b_v, _ = _union_step(b_q, m_r, k, v, bad, p_u, p_w, i, r_tok, m_r, t_r, o_c, o_k, o_v,
+                                                 m_k, m_v, t_hi, i_h, qk_scale, H, K, V, BT, NC, BC, PREC, False)
         b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0) * b_w[:, None]
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
         b_ds = b_p * (b_dp - b_delta[:, None])
@@ -518,7 +540,7 @@ def _forward(query, key, value, tiles, plan: _Plan, block_size: int, scale: floa
     ntt = cdiv(seq_len, plan.bt)
     bv = min(cfg.block_v, head_tile(dv))
     return triton_call(
-        query, key, value, union, count, mult,
+        query, key, value, bad_counts(key, value), union, count, mult,
         seq_len, ntt, log2_scale(scale),
         kernel=selection_fwd_kernel,
         out_shape=(jax.ShapeDtypeStruct(query.shape[:3] + (dv,), query.dtype),
@@ -538,7 +560,7 @@ def _backward_dq(query, key, value, o, do, lse, tiles, plan: _Plan, block_size: 
     batch, seq_len, hq, heads, group, dk, dv = _dims(query, key, value)
     ntt = cdiv(seq_len, plan.bt)
     return triton_call(
-        query, key, value, o, do, lse, union, count, mult,
+        query, key, value, bad_counts(key, value), o, do, lse, union, count, mult,
         seq_len, ntt, log2_scale(scale), np.float32(scale),
         kernel=selection_bwd_dq_kernel,
         out_shape=(jax.ShapeDtypeStruct(query.shape, query.dtype),

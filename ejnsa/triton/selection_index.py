@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .._varlen import TokenInfo, cdiv, num_compressed_rows, token_info
+from .._varlen import TokenInfo, cdiv, segment_tiles, token_info, token_segments
 
 # Start of a block that is not one (invalid entries, union padding). Larger than every real
 # start (< B * T), so it sorts last.
@@ -33,13 +33,14 @@ def _valid_entries(block_indices, block_counts, block_size: int, cu_seqlens) -> 
     """(valid [B, T, H, S], the block index with invalid entries set to 0, token info).
 
     An entry is valid when 0 <= b <= pos_t // l (compared on the index itself, so that
-    b * l is never formed for a huge b) and it lies within the token's count.
+    b * l is never formed for a huge b), it lies within the token's count, and the token
+    belongs to a sequence.
     """
     num_sel = block_indices.shape[-1]
     info = token_info(cu_seqlens, block_indices.shape[1], block_size)
     idx = block_indices.astype(jnp.int32)
     cur = (info.pos // block_size)[None, :, None, None]
-    valid = (idx >= 0) & (idx <= cur)
+    valid = (idx >= 0) & (idx <= cur) & info.inside[None, :, None, None]
     if block_counts is not None:
         valid &= jnp.arange(num_sel, dtype=jnp.int32) < block_counts.astype(jnp.int32)[..., None]
     return valid, jnp.where(valid, idx, 0), info
@@ -93,7 +94,9 @@ def block_rows(batch: int, seq_len: int, block_size: int, cu_seqlens):
     """Blocks of keys: row_start (global token, -1 for padding rows), row_len; int32 [B * R].
 
     Rows are numbered like the packed compressed rows (b * R + boc + block); every key token
-    belongs to exactly one row, so writing every row writes every dk/dv token once.
+    belongs to exactly one row, so writing every row writes every dk/dv token once. With
+    cu_seqlens the tokens outside every sequence get rows too, after the sequences' (no
+    entry selects them, so their dk/dv are written as zeros).
     """
     if cu_seqlens is None:
         nr = cdiv(seq_len, block_size)
@@ -101,14 +104,15 @@ def block_rows(batch: int, seq_len: int, block_size: int, cu_seqlens):
         start = (jnp.arange(batch, dtype=jnp.int32)[:, None] * seq_len + blk * block_size).reshape(-1)
         length = jnp.tile(jnp.minimum(block_size, seq_len - blk * block_size), batch)
         return start, length.astype(jnp.int32)
-    nr = num_compressed_rows(seq_len, block_size, cu_seqlens.shape[0] - 1)
-    info = token_info(cu_seqlens, seq_len, block_size)
-    t = jnp.arange(seq_len, dtype=jnp.int32)
-    first = (info.pos % block_size == 0) & (t - info.bos < info.seq_len)
-    row = jnp.where(first, info.boc + info.pos // block_size, nr)
-    start = jnp.full((nr,), -1, jnp.int32).at[row].set(t, mode="drop")
-    length = jnp.zeros((nr,), jnp.int32).at[row].set(jnp.minimum(block_size, info.seq_len - info.pos), mode="drop")
-    return start, length
+    bounds, _ = token_segments(cu_seqlens, seq_len)
+    first, count, _, nr = segment_tiles(bounds, seq_len, block_size)
+    # Tiles come in token order: the span before the first sequence, the sequences' blocks
+    # (boc + block of each), the span after them, padding. Rotating the span before to the
+    # end numbers the sequences' blocks like the packed compressed rows.
+    before = (bounds[1] + block_size - 1) // block_size
+    tile = (jnp.arange(nr, dtype=jnp.int32) + before) % nr
+    length = count[tile]
+    return jnp.where(length > 0, first[tile], -1), length
 
 
 def token_segment(num_entries: int, tokens_per_step: int, block_size: int, dk: int, dv: int, min_segment: int,

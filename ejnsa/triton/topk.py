@@ -66,7 +66,7 @@ import triton
 import triton.language as tl
 
 from .._registry import Backend, Platform, Unsupported, kernel_registry
-from .._varlen import cdiv, sequence_info
+from .._varlen import cdiv, segment_tiles, sequence_info, token_segments
 from ._call import triton_call
 from ._common import LOG2E, dot_precision, head_tile, log2_scale
 from ._vmap import vmappable
@@ -246,12 +246,13 @@ def _head_sum(b_p, BC: tl.constexpr, THI: tl.constexpr, TLO: tl.constexpr, LOG_H
 
 @triton.jit
 def _tile(tiles, i_tile, T, BT: tl.constexpr, USE_TILES: tl.constexpr):
-    """(first token, its position, tokens, first compressed row) of tile i_tile."""
+    """(first token, its position, tokens, first compressed row, whether the tokens belong
+    to a sequence) of tile i_tile."""
     if USE_TILES:
-        return (tl.load(tiles + i_tile * 4), tl.load(tiles + i_tile * 4 + 1), tl.load(tiles + i_tile * 4 + 2),
-                tl.load(tiles + i_tile * 4 + 3))
+        p = tiles + i_tile * 5
+        return tl.load(p), tl.load(p + 1), tl.load(p + 2), tl.load(p + 3), tl.load(p + 4) != 0
     tok0 = i_tile * BT
-    return tok0, tok0, tl.minimum(T - tok0, BT), i_tile * 0
+    return tok0, tok0, tl.minimum(T - tok0, BT), i_tile * 0, tok0 >= 0
 
 
 @triton.jit
@@ -264,14 +265,17 @@ def _load_rows(q, o_rows, m_rows, K: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _tokens(pos0, n_tok, BT: tl.constexpr, BS: tl.constexpr):
-    """The tile's tokens [BT], their mask and current (forced) blocks, and the numbers of
-    blocks visible to some token and of candidates of some token ([0, n_cand))."""
+def _tokens(pos0, n_tok, live, BT: tl.constexpr, BS: tl.constexpr):
+    """The tile's tokens [BT], their mask (which slots to write), their current (forced)
+    blocks and whether they have candidates at all (not for tokens outside every
+    sequence), and the numbers of blocks visible to some token and of candidates of some
+    token ([0, n_cand))."""
     o_t = tl.arange(0, BT)
+    m_t = o_t < n_tok
     last = pos0 + n_tok - 1  # position of the tile's last token
-    n_vis = tl.where(n_tok > 0, (last + 1) // BS, 0)
-    n_cand = tl.where(n_tok > 0, last // BS + 1, 0)
-    return o_t, o_t < n_tok, (pos0 + o_t) // BS, n_vis, n_cand
+    n_vis = tl.where((n_tok > 0) & live, (last + 1) // BS, 0)
+    n_cand = tl.where((n_tok > 0) & live, last // BS + 1, 0)
+    return o_t, m_t, (pos0 + o_t) // BS, m_t & live, n_vis, n_cand
 
 
 @triton.jit
@@ -312,8 +316,11 @@ def _rows_lse2(b_q, lse, o_nq, m_n, nvis_n, p_k0, n_vis, boc, TC, o_k, m_k, qk_s
 def _keys(b_imp, o_c, cur, m_tok):
     """int64 sort keys of importances b_imp for blocks o_c and tokens with current block
     cur (broadcast against each other): score bits high, (2^31 - 1 - c) low; forced blocks
-    {0, cur, cur - 1} score 1.0; 0 for non-candidates (c > cur, or a masked token)."""
+    {0, cur, cur - 1} score 1.0; 0 for non-candidates (c > cur, or a masked token, or a token
+    outside every sequence)."""
     m_forced = (o_c == 0) | (o_c == cur) | (o_c == cur - 1)
+    # A non-finite importance (a NaN in the token's softmax) counts as 0, as in XLA.
+    b_imp = tl.where((b_imp == b_imp) & (b_imp < float("inf")), b_imp, 0.0)
     b_score = tl.where(m_forced, 1.0, b_imp)
     b_low = (2147483647 - o_c).to(tl.int64)
     return tl.where((o_c <= cur) & m_tok, (b_score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | b_low, 0)
@@ -330,8 +337,8 @@ def _store_indices(o, b_top, i_b, i_h, tok0, o_t, m_t, T, H: tl.constexpr, S: tl
 
 # Arguments of both kernels:
 #   q [B, T, HQ, K] query; k [B, TC, H, K] compressed keys; lse [B, T, HQ] float32
-#   log-sum-exp of the compressed softmax (read iff USE_LSE); tiles [NT, 4] int32 (first
-#   token, first position, tokens, first compressed row; iff USE_TILES); qk_scale fp32
+#   log-sum-exp of the compressed softmax (read iff USE_LSE); tiles [NT, 5] int32 (first
+#   token, first position, tokens, first compressed row, in a sequence; iff USE_TILES); qk_scale fp32
 #   softmax_scale * log2(e); T tokens and TC compressed rows per batch row; o [B, T, H, S]
 #   int32 block indices (the output). GP = next_power_of_2(G), BK = next_power_of_2(K),
 #   SP = next_power_of_2(S) the running list length, BS = l, BT tokens per program, BC
@@ -352,7 +359,7 @@ def nsa_topk_fwd_kernel(
     i_tile, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     # Late tiles see the most blocks: launch them first so the tail of the grid is short.
-    tok0, pos0, n_tok, boc = _tile(tiles, tl.num_programs(0) - 1 - i_tile, T, BT, USE_TILES)
+    tok0, pos0, n_tok, boc, live = _tile(tiles, tl.num_programs(0) - 1 - i_tile, T, BT, USE_TILES)
 
     # Dot rows r = token (r // GP) x head (r % GP) of the tile; padded heads are masked.
     o_r = tl.arange(0, BT * GP)
@@ -361,7 +368,7 @@ def nsa_topk_fwd_kernel(
     m_r = (o_rt < n_tok) & (o_rg < G)
     o_rq = (i_b * T + tok0 + o_rt).to(tl.int64) * HQ + i_h * G + o_rg  # [BT*GP] row of q / lse
     b_q, o_k, m_k = _load_rows(q, o_rq, m_r, K, BK)  # [BT*GP, BK]
-    o_t, m_t, cur_t, n_vis, n_cand = _tokens(pos0, n_tok, BT, BS)
+    o_t, m_t, cur_t, m_cand, n_vis, n_cand = _tokens(pos0, n_tok, live, BT, BS)
     # Compressed row c of this sequence and head: k + ((i_b * TC + boc + c) * H + i_h) * K.
     p_k0 = k + ((i_b * TC + boc).to(tl.int64) * H + i_h) * K
     b_lse2 = _rows_lse2(b_q, lse, o_rq, m_r, (pos0 + o_rt + 1) // BS, p_k0, n_vis, boc, TC, o_k, m_k, qk_scale,
@@ -380,7 +387,7 @@ def nsa_topk_fwd_kernel(
         b_p = tl.where(m_r[:, None], tl.exp2(b_s - b_lse2[:, None]), 0.0)
         # [BT, BC] mean over the G heads of each token
         b_imp = tl.sum(tl.reshape(b_p, [BT, GP, BC]), 1) / G
-        b_key = _keys(b_imp, o_c[None, :], cur_t[:, None], m_t[:, None])
+        b_key = _keys(b_imp, o_c[None, :], cur_t[:, None], m_cand[:, None])
         b_top = _cx_topk(b_key, LOG_BT, LOG_BC, LOG_SP, 0)  # [BT, SP] ascending
         b_run = _cx_rows(tl.maximum(b_run, b_top), LOG_BT, LOG_SP, 1)
 
@@ -412,7 +419,7 @@ def nsa_topk_kq_fwd_kernel(
     """
     i_tile, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    tok0, pos0, n_tok, boc = _tile(tiles, tl.num_programs(0) - 1 - i_tile, T, BT, USE_TILES)
+    tok0, pos0, n_tok, boc, live = _tile(tiles, tl.num_programs(0) - 1 - i_tile, T, BT, USE_TILES)
 
     N: tl.constexpr = BT * GP
     NP: tl.constexpr = BC // BP
@@ -423,7 +430,7 @@ def nsa_topk_kq_fwd_kernel(
     m_n = (o_nt < n_tok) & (o_ng < G)
     o_nq = (i_b * T + tok0 + o_nt).to(tl.int64) * HQ + i_h * G + o_ng  # [N] row of q / lse
     b_q, o_k, m_k = _load_rows(q, o_nq, m_n, K, BK)  # [N, BK]
-    o_t, m_t, cur_t, n_vis, n_cand = _tokens(pos0, n_tok, BT, BS)
+    o_t, m_t, cur_t, m_cand, n_vis, n_cand = _tokens(pos0, n_tok, live, BT, BS)
     p_k0 = k + ((i_b * TC + boc).to(tl.int64) * H + i_h) * K
     # The "qk" kernel's first pass on the same rows, same chunks: the same float32 bits.
     b_lse2 = _rows_lse2(b_q, lse, o_nq, m_n, (pos0 + o_nt + 1) // BS, p_k0, n_vis, boc, TC, o_k, m_k, qk_scale,
@@ -445,7 +452,7 @@ def nsa_topk_kq_fwd_kernel(
         b_p = tl.where(m_n[None, :], tl.exp2(b_s - b_lse2[None, :]), 0.0)
         # [BC, BT]
         b_imp = _head_sum(b_p, BC, THI, TLO, LOG_HHI, H0) / G
-        b_key = _keys(b_imp, o_c[:, None], cur_t[None, :], m_t[None, :])
+        b_key = _keys(b_imp, o_c[:, None], cur_t[None, :], m_cand[None, :])
         # [BT * NP, BP]: token-major, then part
         b_key = tl.reshape(tl.trans(b_key), [BT * NP, BP])
         # The chunk's best SP of each part, in the direction opposite to its list: their
@@ -465,23 +472,22 @@ def _log2(n: int) -> int:
 
 
 def _tile_table(cu_seqlens, seq_len: int, block_size: int, block_t: int):
-    """int32 [NT, 4] (first token, its position, tokens in the tile, first compressed row).
+    """int32 [NT, 5] (first token, its position, tokens in the tile, first compressed row,
+    1 when the tokens belong to a sequence), and NT.
 
-    Tiles never straddle sequences (a tile shares one run of compressed keys). The count
-    sum_i ceil(len_i / BT) depends on values; NT = ceil(T / BT) + N bounds it statically
-    and the tiles past the true count have 0 tokens (they write nothing).
+    Tiles never straddle sequences (a tile shares one run of compressed keys); the tokens
+    before the first and after the last sequence get tiles too, which write -1 only. The
+    count depends on values; `segment_tiles` bounds it statically, and the tiles past the
+    true count have 0 tokens (they write nothing).
     """
+    bounds, live = token_segments(cu_seqlens, seq_len)
+    first, count, sid, num_tiles = segment_tiles(bounds, seq_len, block_t)
     seqs = sequence_info(cu_seqlens, seq_len, block_size)
     n = seqs.bos.shape[0]
-    num_tiles = cdiv(seq_len, block_t) + n
-    per_seq = (seqs.seq_len + block_t - 1) // block_t
-    ends = jnp.cumsum(per_seq)
-    i = jnp.arange(num_tiles, dtype=jnp.int32)
-    sid = jnp.clip(jnp.searchsorted(ends, i, side="right"), 0, n - 1)
-    j = i - (ends[sid] - per_seq[sid])  # tile within its sequence
-    pos0 = j * block_t
-    n_tok = jnp.where(i < ends[-1], jnp.clip(seqs.seq_len[sid] - pos0, 0, block_t), 0)
-    table = jnp.stack([seqs.bos[sid] + pos0, pos0, n_tok, seqs.boc[sid]], axis=1)
+    seq = jnp.clip(sid - 1, 0, n - 1)  # segment 0 is the span before the first sequence
+    is_seq = live[sid]
+    pos0 = jnp.where(is_seq, first - seqs.bos[seq], 0)
+    table = jnp.stack([first, pos0, count, jnp.where(is_seq, seqs.boc[seq], 0), is_seq.astype(jnp.int32)], axis=1)
     return table.astype(jnp.int32), num_tiles
 
 
@@ -528,7 +534,7 @@ def nsa_topk_fwd(query, k_cmp, lse, num_selected, block_size, softmax_scale, cu_
 
     def launch(query, k_cmp, lse, cu_seqlens):
         if cu_seqlens is None:
-            tiles = jnp.zeros((1, 4), jnp.int32)  # never read
+            tiles = jnp.zeros((1, 5), jnp.int32)  # never read
             num_tiles = cdiv(seq_len, config.block_t)
         else:
             tiles, num_tiles = _tile_table(cu_seqlens, seq_len, block_size, config.block_t)

@@ -13,7 +13,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from .._registry import Backend, Platform, kernel_registry
-from .._varlen import token_info
+from .._varlen import token_info, token_segments
 from .band import BandConfigs, Intervals, band_attention, clip_intervals
 
 
@@ -28,8 +28,18 @@ class WindowIntervals:
         w = min(self.window_size, seq_len)  # a window past T sees the same keys as one of T
         t = jnp.arange(seq_len, dtype=jnp.int32)
         eos = info.bos + info.seq_len
-        iv = Intervals(jnp.maximum(info.bos, t - w + 1), t + 1, t, jnp.minimum(t + w - 1, eos - 1))
-        return clip_intervals(iv, seq_len, num_keys)
+        klo, khi = jnp.maximum(info.bos, t - w + 1), t + 1
+        qf, ql = t, jnp.minimum(t + w - 1, eos - 1)
+        bounds = None
+        if cu_seqlens is not None:
+            # A token outside every sequence sees no key and no token sees it: empty
+            # intervals that keep both ends non-decreasing ([t, t) before the sequences'
+            # first start as well as after their end, as a token there has no keys).
+            khi = jnp.where(info.inside, khi, jnp.where(t < info.bos, 0, t))
+            klo = jnp.where(info.inside, klo, khi)
+            ql = jnp.where(info.inside, ql, t - 1)
+            bounds = token_segments(cu_seqlens, seq_len)[0]
+        return clip_intervals(Intervals(klo, khi, qf, ql, bounds), seq_len, num_keys)
 
 
 def sliding_window_attention_with(query, key, value, window_size, softmax_scale, cu_seqlens, configs: BandConfigs):

@@ -14,27 +14,29 @@ import jax
 import jax.numpy as jnp
 
 from .._registry import Backend, Platform, kernel_registry
-from .._varlen import token_info
-from ._common import einsum, map_query_chunks, masked_softmax_stats, normalise
+from .._varlen import token_info, token_segments
+from ._common import einsum, finite_part, map_query_chunks, mark_bad, masked_softmax_stats, normalise
 
 # Queries per chunk; the per-chunk score tile is [B, chunk, HQ, TC].
 CHUNK = 256
 
 
-def visible_rows(pos: jax.Array, boc: jax.Array, num_rows: int, block_size: int) -> jax.Array:
-    """[C, TC] mask of the packed compressed rows each token sees."""
+def visible_rows(pos: jax.Array, boc: jax.Array, inside: jax.Array, num_rows: int, block_size: int) -> jax.Array:
+    """[C, TC] mask of the packed compressed rows each token sees (none outside every sequence)."""
     j = jnp.arange(num_rows, dtype=jnp.int32)[None, :]
     lo = boc[:, None]
-    return (j >= lo) & (j < lo + (pos[:, None] + 1) // block_size)
+    return (j >= lo) & (j < lo + (pos[:, None] + 1) // block_size) & inside[:, None]
 
 
-def compression_scores(q, k_cmp, pos, boc, block_size, softmax_scale):
-    """Scaled scores [B, C, H, G, TC] of a query chunk and the visibility mask [C, TC]."""
-    batch, chunk, hq, dk = q.shape
-    h = k_cmp.shape[2]
-    qg = q.astype(jnp.float32).reshape(batch, chunk, h, hq // h, dk)
-    s = einsum("bchgd,bjhd->bchgj", qg, k_cmp.astype(jnp.float32)) * softmax_scale
-    return s, visible_rows(pos, boc, k_cmp.shape[1], block_size)
+def grouped(q, kv_heads: int):
+    """q [B, C, HQ, D] -> float32 [B, C, H, G, D]: query head hq reads KV head hq // G."""
+    batch, chunk, hq, d = q.shape
+    return q.astype(jnp.float32).reshape(batch, chunk, kv_heads, hq // kv_heads, d)
+
+
+def compression_scores(qg, k_cmp, softmax_scale):
+    """Scaled scores [B, C, H, G, TC] of a grouped query chunk qg [B, C, H, G, Dk]."""
+    return einsum("bchgd,bjhd->bchgj", qg, k_cmp.astype(jnp.float32)) * softmax_scale
 
 
 @kernel_registry.register("nsa_compression", Platform.XLA, Backend.ANY)
@@ -43,15 +45,29 @@ def nsa_compression(query, k_cmp, v_cmp, block_size, softmax_scale, cu_seqlens):
     """(o_cmp [B, T, HQ, Dv] in query's dtype, lse_cmp [B, T, HQ] float32)."""
     batch, seq_len, hq, _ = query.shape
     info = token_info(cu_seqlens, seq_len, block_size)
-    # float32 before the chunk loop, so that k_cmp/v_cmp cotangents accumulate in float32.
-    k32, v32 = k_cmp.astype(jnp.float32), v_cmp.astype(jnp.float32)
+    # float32 before the chunk loop, so that k_cmp/v_cmp cotangents accumulate in float32;
+    # their finite parts, with the rows that hold a NaN or Inf marked (docs/semantics.md).
+    k32, k_bad = finite_part(k_cmp.astype(jnp.float32))
+    v32, v_bad = finite_part(v_cmp.astype(jnp.float32))
+    h = k_cmp.shape[2]
 
-    def body(q, pos, boc):
-        s, vis = compression_scores(q, k32, pos, boc, block_size, softmax_scale)
-        p, denom, lse = masked_softmax_stats(s, vis[None, :, None, None, :])
-        o = einsum("bchgj,bjhd->bchgd", p, v32)
-        o = normalise(o, denom)
+    def body(q, pos, boc, seq, inside):
+        kc, vc = k32, v32
+        if cu_seqlens is not None:
+            # A chunk holds one sequence (map_query_chunks): the rows of the others are 0
+            # and take no gradient, whatever their values and cotangents hold.
+            r = jnp.arange(kc.shape[1], dtype=jnp.int32)
+            own = ((r >= boc[0]) & (r < boc[0] + (seq[0] + block_size - 1) // block_size) & inside[0])
+            kc = jnp.where(own[None, :, None, None], kc, 0.0)
+            vc = jnp.where(own[None, :, None, None], vc, 0.0)
+        qg, q_bad = finite_part(grouped(q, h))
+        s = compression_scores(qg, kc, softmax_scale)
+        vis = visible_rows(pos, boc, inside, k32.shape[1], block_size)
+        p, denom, lse, has = masked_softmax_stats(s, vis[None, :, None, None, :])
+        o = normalise(einsum("bchgj,bjhd->bchgd", p, vc), denom, has)
+        o, lse = mark_bad(o, lse, has, q_bad, vis, k_bad | v_bad)
         return o.reshape(batch, q.shape[1], hq, -1), lse.reshape(batch, q.shape[1], hq)
 
-    o, lse = map_query_chunks(body, CHUNK, (query,), (info.pos, info.boc), seq_len)
+    bounds = None if cu_seqlens is None else token_segments(cu_seqlens, seq_len)[0]
+    o, lse = map_query_chunks(body, CHUNK, (query,), (info.pos, info.boc, info.seq_len, info.inside), seq_len, bounds)
     return o.astype(query.dtype), lse

@@ -47,26 +47,34 @@ def apply_native_sparse_attention(query, key, value, block_indices, block_counts
     # token that selected a key, and it must accumulate in float32, not in bf16.
     key32, value32 = key.astype(jnp.float32), value.astype(jnp.float32)
 
-    def body(q, idx, cnt, pos, bos):
+    def body(q, idx, cnt, pos, bos, inside):
         c = q.shape[1]
         slot = jnp.arange(num_sel, dtype=jnp.int32)
         # A block starting after the token holds no visible key; testing that on the
         # index itself (not on idx * l) keeps huge out-of-range indices from overflowing.
         cur = (pos // block_size)[None, :, None, None]
-        use = (idx >= 0) & (idx <= cur) & (slot < cnt[..., None])  # [B, C, H, S]
+        use = (idx >= 0) & (idx <= cur) & (slot < cnt[..., None]) & inside[None, :, None, None]  # [B, C, H, S]
         kpos = jnp.where(use, idx, 0)[..., None] * block_size + offs  # position in the sequence [B, C, H, S, l]
         ok = use[..., None] & (kpos <= pos[None, :, None, None, None])
         tok = jnp.clip(bos[None, :, None, None, None] + kpos, 0, seq_len - 1).reshape(batch, c, h, -1)
         ok = ok.reshape(batch, c, h, -1)
-        kg = gather_tokens(key32, tok)  # [B, C, H, S*l, Dk]
-        vg = gather_tokens(value32, tok)
+        # Keys are gathered per token, so a masked slot can be zeroed outright: it then
+        # carries neither a NaN forward nor a gradient back (docs/semantics.md, "Bad values").
+        kg = jnp.where(ok[..., None], gather_tokens(key32, tok), 0.0)  # [B, C, H, S*l, Dk]
+        vg = jnp.where(ok[..., None], gather_tokens(value32, tok), 0.0)
         qg = q.astype(jnp.float32).reshape(batch, c, h, hq // h, -1)
         s = einsum("bchgd,bchjd->bchgj", qg, kg) * softmax_scale
-        p, denom, _ = masked_softmax_stats(s, ok[:, :, :, None, :])
-        o = normalise(einsum("bchgj,bchjd->bchgd", p, vg), denom)
+        p, denom, _, has = masked_softmax_stats(s, ok[:, :, :, None, :])
+        o = normalise(einsum("bchgj,bchjd->bchgd", p, vg), denom, has)
+        # NaN for a row that asks with a non-finite query or attends a non-finite key or
+        # value, whatever the arithmetic made of it (an Inf value would give Inf).
+        kv_bad = ~jnp.all(jnp.isfinite(kg), -1) | ~jnp.all(jnp.isfinite(vg), -1)  # [B, C, H, S*l]
+        bad = has & (~jnp.all(jnp.isfinite(qg), -1) | jnp.any(kv_bad, -1)[..., None])
+        o = jnp.where(bad[..., None], jnp.nan, o)
         return o.reshape(batch, c, hq, -1)
 
     chunk = max(1, GATHERED_KEYS // (num_sel * block_size))
     idx = block_indices.astype(jnp.int32)
-    o = map_query_chunks(body, chunk, (query, idx, block_counts.astype(jnp.int32)), (info.pos, info.bos), seq_len)
+    o = map_query_chunks(body, chunk, (query, idx, block_counts.astype(jnp.int32)), (info.pos, info.bos, info.inside),
+                         seq_len)
     return o.astype(query.dtype)

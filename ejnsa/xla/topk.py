@@ -17,21 +17,27 @@ from jax import lax
 from .._registry import Backend, Platform, kernel_registry
 from .._varlen import token_info
 from ._common import map_query_chunks, masked_softmax_stats
-from .compression import CHUNK, compression_scores
+from .compression import CHUNK, compression_scores, grouped, visible_rows
 
 
-def block_scores(s, vis, lse, pos, boc, block_size):
-    """Scores [B, C, H, TC] of a chunk (-inf for non-candidates)."""
+def block_scores(s, vis, lse, pos, boc, inside, block_size):
+    """Scores [B, C, H, TC] of a chunk (-inf for non-candidates).
+
+    A non-finite lse (a row that sees no block, or whose compressed softmax holds a NaN)
+    counts as 0, and a non-finite score as 0, on every platform: such a token's output is
+    NaN anyway, and its selection stays a deterministic choice among its candidates.
+    """
     if lse is None:
-        _, _, lse_g = masked_softmax_stats(s, vis[None, :, None, None, :])
+        _, _, lse_g, _ = masked_softmax_stats(s, vis[None, :, None, None, :])
     else:
         lse_g = lse.reshape(s.shape[:4])
     lse_g = jnp.where(jnp.isfinite(lse_g), lse_g, 0.0)
     p = jnp.where(vis[None, :, None, None, :], jnp.exp(s - lse_g[..., None]), 0.0)
     score = p.mean(axis=3)
+    score = jnp.where(jnp.isfinite(score), score, 0.0)
     local = jnp.arange(s.shape[-1], dtype=jnp.int32)[None, :] - boc[:, None]  # [C, TC]
     cur = (pos // block_size)[:, None]
-    forced = (local >= 0) & ((local == 0) | (local == cur) | (local == cur - 1))
+    forced = (local >= 0) & ((local == 0) | (local == cur) | (local == cur - 1)) & inside[:, None]
     cand = forced | vis
     score = jnp.where(forced[None, :, None, :], 1.0, score)
     return jnp.where(cand[None, :, None, :], score, -jnp.inf)
@@ -51,9 +57,10 @@ def nsa_topk(query, k_cmp, lse, num_selected, block_size, softmax_scale, cu_seql
     rows = k_cmp.shape[1]
 
     def body(q, *rest):
-        *lse_c, pos, boc = rest
-        s, vis = compression_scores(q, k_cmp, pos, boc, block_size, softmax_scale)
-        score = block_scores(s, vis, lse_c[0] if lse_c else None, pos, boc, block_size)
+        *lse_c, pos, boc, inside = rest
+        s = compression_scores(grouped(q, h), k_cmp, softmax_scale)
+        vis = visible_rows(pos, boc, inside, rows, block_size)
+        score = block_scores(s, vis, lse_c[0] if lse_c else None, pos, boc, inside, block_size)
         if rows < num_selected:  # top_k needs at least k columns
             score = jnp.pad(score, ((0, 0),) * 3 + ((0, num_selected - rows),), constant_values=-jnp.inf)
         val, idx = lax.top_k(score, num_selected)
@@ -61,5 +68,5 @@ def nsa_topk(query, k_cmp, lse, num_selected, block_size, softmax_scale, cu_seql
         return idx.astype(jnp.int32)
 
     batched = (query,) if lse is None else (query, lax.stop_gradient(lse))
-    out = map_query_chunks(body, CHUNK, batched, (info.pos, info.boc), seq_len)
+    out = map_query_chunks(body, CHUNK, batched, (info.pos, info.boc, info.inside), seq_len)
     return out.reshape(batch, seq_len, h, num_selected)

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from .._registry import Backend, Platform, kernel_registry
-from .._varlen import token_info
-from ._common import einsum, map_query_chunks, masked_softmax_stats, normalise
+from .._varlen import token_info, token_segments
+from ._common import einsum, finite_part, map_query_chunks, mark_bad, masked_softmax_stats, normalise
 
 CHUNK = 128
 
@@ -30,26 +30,35 @@ def sliding_window_attention(query, key, value, window_size, softmax_scale, cu_s
     chunk = min(CHUNK, seq_len)
     span = chunk + w - 1
     # Front padding lets every chunk slice [start - (w - 1), start + chunk) in bounds.
-    n_chunks = -(-seq_len // chunk)
-    back = n_chunks * chunk - seq_len
+    back = chunk  # a chunk may start at any token (packed: at its sequence's start)
     # float32 before the chunk loop, so that the key/value cotangents of all chunks
     # accumulate in float32.
     kp = jnp.pad(key.astype(jnp.float32), ((0, 0), (w - 1, back), (0, 0), (0, 0)))
     vp = jnp.pad(value.astype(jnp.float32), ((0, 0), (w - 1, back), (0, 0), (0, 0)))
 
-    def body(q, t, bos):
+    def body(q, t, bos, seq, inside):
         c = q.shape[1]
         start = t[0]  # first token of this chunk; the slice begins w - 1 before it
+        j = start - (w - 1) + jnp.arange(span, dtype=jnp.int32)  # key token index
         kc = lax.dynamic_slice_in_dim(kp, start, span, axis=1)
         vc = lax.dynamic_slice_in_dim(vp, start, span, axis=1)
-        j = start - (w - 1) + jnp.arange(span, dtype=jnp.int32)  # key token index
+        if cu_seqlens is not None:
+            # A chunk holds one sequence (map_query_chunks): its keys outside it are 0 and
+            # take no gradient, whatever the other sequences' values and cotangents hold.
+            own = ((j >= bos[0]) & (j < bos[0] + seq[0]) & inside[0])[None, :, None, None]
+            kc, vc = jnp.where(own, kc, 0.0), jnp.where(own, vc, 0.0)
+        kc, k_bad = finite_part(kc)
+        vc, v_bad = finite_part(vc)
         ok = (j[None, :] <= t[:, None]) & (j[None, :] > t[:, None] - w) & (j[None, :] >= bos[:, None])
-        qg = q.astype(jnp.float32).reshape(batch, c, h, hq // h, -1)
+        ok &= inside[:, None]
+        qg, q_bad = finite_part(q.astype(jnp.float32).reshape(batch, c, h, hq // h, -1))
         s = einsum("bchgd,bjhd->bchgj", qg, kc) * softmax_scale
-        p, denom, _ = masked_softmax_stats(s, ok[None, :, None, None, :])
-        o = normalise(einsum("bchgj,bjhd->bchgd", p, vc), denom)
+        p, denom, lse, has = masked_softmax_stats(s, ok[None, :, None, None, :])
+        o = normalise(einsum("bchgj,bjhd->bchgd", p, vc), denom, has)
+        o, _ = mark_bad(o, lse, has, q_bad, ok, k_bad | v_bad)
         return o.reshape(batch, c, hq, -1)
 
     t = jnp.arange(seq_len, dtype=jnp.int32)
-    o = map_query_chunks(body, chunk, (query,), (t, info.bos), seq_len)
+    bounds = None if cu_seqlens is None else token_segments(cu_seqlens, seq_len)[0]
+    o = map_query_chunks(body, chunk, (query,), (t, info.bos, info.seq_len, info.inside), seq_len, bounds)
     return o.astype(query.dtype)
