@@ -41,17 +41,24 @@ def dot_precision(dtype) -> str:
 
 
 
-def bad_counts(key: jax.Array, value: jax.Array) -> jax.Array:
-    """Running count of the keys whose key or value vector holds a NaN or an Inf:
-    int32 [B * TK + 1, H] for key [B, TK, H, Dk], value [B, TK, H, Dv].
+def finite_part(x: jax.Array) -> jax.Array:
+    """x with its NaN and Inf entries set to 0: what the kernels compute with, so that a
+    masked weight of 0 never meets a NaN in a product (bitwise x for finite x)."""
+    return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
 
-    Entry (g, h) counts the flagged keys before global key g = b * TK + j of KV head h, so
-    a kernel learns with two scalar loads whether a run of keys [g0, g1) holds one, and
-    only then loads the flags themselves (`key_flags`). One read of key and value in XLA.
-    """
-    bad = jnp.any(~jnp.isfinite(key), axis=-1) | jnp.any(~jnp.isfinite(value), axis=-1)
-    bad = bad.reshape(-1, key.shape[2]).astype(jnp.int32)
-    return jnp.concatenate([jnp.zeros((1, key.shape[2]), jnp.int32), jnp.cumsum(bad, axis=0)], axis=0)
+
+def bad_keys(key: jax.Array, value: jax.Array) -> jax.Array:
+    """int32 [B, TK, H]: 1 where the key or the value vector of (b, j, h) holds a NaN or Inf."""
+    return (jnp.any(~jnp.isfinite(key), axis=-1) | jnp.any(~jnp.isfinite(value), axis=-1)).astype(jnp.int32)
+
+
+def bad_counts(bad: jax.Array) -> jax.Array:
+    """Running count of `bad_keys` [B, TK, H] over the global keys g = b * TK + j:
+    int32 [B * TK + 1, H], entry (g, h) counting the flagged keys before g, so that a
+    kernel learns with two scalar loads whether a run of keys [g0, g1) holds one (and only
+    then loads the flags themselves, `key_flags`)."""
+    flat = bad.reshape(-1, bad.shape[-1])
+    return jnp.concatenate([jnp.zeros((1, flat.shape[1]), jnp.int32), jnp.cumsum(flat, axis=0, dtype=jnp.int32)])
 
 
 @triton.jit

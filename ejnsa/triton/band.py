@@ -68,7 +68,7 @@ import triton.language as tl
 
 from ._call import triton_call
 from .._varlen import segment_tiles
-from ._common import any_bad, bad_counts, dot_precision, head_tile, key_flags, log2_scale
+from ._common import any_bad, bad_counts, bad_keys, dot_precision, finite_part, head_tile, key_flags, log2_scale
 from ._vmap import vmappable
 
 LN2 = math.log(2.0)
@@ -199,8 +199,8 @@ def _load_2d(p, m_a, m_b, MASK_A: tl.constexpr, MASK_B: tl.constexpr):
 
 @triton.jit
 def _fwd_step(
-    b_q, b_acc, b_m, b_l, b_nan, b_klo, b_khi,  # [BM, BK], [BM, BV], [BM] x 5
-    k, v, bad, i_bk, i_h, i_j, j_hi, scale_log2,
+    b_q, b_acc, b_m, b_l, b_klo, b_khi,  # [BM, BK], [BM, BV], [BM], [BM], [BM], [BM]
+    k, v, i_bk, i_h, i_j, j_hi, scale_log2,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     MASKED: tl.constexpr, PREC: tl.constexpr,
@@ -212,16 +212,8 @@ def _fwd_step(
     o_v = tl.arange(0, BV)
     o_kv = (i_bk + o_j) * H + i_h  # [BN] int64 row of k / v
     m_j = o_j < j_hi
-    # A key whose key or value holds a NaN or Inf (docs/semantics.md, "Bad values"): in a
-    # masked step it loads as 0, so that a masked p = 0 never meets it in a product; the
-    # rows that see it are marked NaN below. (An unmasked step's rows all see all its keys.)
-    if MASKED:
-        b_bad = key_flags(bad, i_bk + o_j, m_j, i_h, H)  # [BN]
-        m_kv = m_j & ~b_bad
-    else:
-        m_kv = m_j
     # [BK, BN]
-    b_kt = _load_2d(k + o_kv[None, :] * K + o_k[:, None], (o_k < K)[:, None], m_kv[None, :], BK != K, MASKED)
+    b_kt = _load_2d(k + o_kv[None, :] * K + o_k[:, None], (o_k < K)[:, None], m_j[None, :], BK != K, MASKED)
     # [BM, BN], log2 units
     b_s = tl.dot(b_q, b_kt, input_precision=PREC) * scale_log2
     if MASKED:
@@ -237,15 +229,25 @@ def _fwd_step(
     b_p = tl.exp2(b_s - b_sh[:, None])  # [BM, BN]
     b_l = b_l * b_alpha + tl.sum(b_p, 1)
     # [BN, BV]
-    b_v = _load_2d(v + o_kv[:, None] * V + o_v[None, :], m_kv[:, None], (o_v < V)[None, :], MASKED, BV != V)
-    if any_bad(bad, i_bk + i_j, i_bk + tl.minimum(i_j + BN, j_hi), i_h, H):  # rare
-        if MASKED:
-            b_nan = b_nan | (tl.max(tl.where(m_s & b_bad[None, :], 1, 0), 1) > 0)
-        else:
-            b_nan = b_nan | True
+    b_v = _load_2d(v + o_kv[:, None] * V + o_v[None, :], m_j[:, None], (o_v < V)[None, :], MASKED, BV != V)
     b_acc = b_acc * b_alpha[:, None]
     b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc, input_precision=PREC)
-    return b_acc, b_mn, b_l, b_nan
+    return b_acc, b_mn, b_l
+
+
+@triton.jit
+def _mark_bad_rows(bad, b_klo, b_khi, i_bk, i_h, lo, hi, H: tl.constexpr, BN: tl.constexpr):
+    """[BM] the rows whose interval holds a key whose key or value held a NaN or Inf
+    (`bad` from `bad_counts`). A second, cheap pass over the tile's keys (no dots), run
+    only for a tile that holds such a key, so that the main loop is that of finite inputs."""
+    b_nan = b_klo < 0  # all False
+    for i_j in range(lo, hi, BN):
+        if any_bad(bad, i_bk + i_j, i_bk + tl.minimum(i_j + BN, hi), i_h, H):
+            o_j = i_j + tl.arange(0, BN)
+            b_bad = key_flags(bad, i_bk + o_j, o_j < hi, i_h, H)  # [BN]
+            m_s = (o_j[None, :] >= b_klo[:, None]) & (o_j[None, :] < b_khi[:, None]) & b_bad[None, :]
+            b_nan = b_nan | (tl.max(tl.where(m_s, 1, 0), 1) > 0)
+    return b_nan
 
 
 @triton.jit
@@ -296,6 +298,14 @@ def band_fwd_kernel(
     [B, T, HQ] in log2 units (-inf: no key). Grid (cdiv(T * G, BM), H, B)."""
     i_h, i_b, m_r, o_row, b_klo, b_khi, lo, hi, n1, s2, n2, s3, n3 = _query_tile(klo, khi, T, HQ, G, BM, BN)
 
+    # Keys whose key or value held a NaN or Inf were zeroed before the kernel; the rows
+    # that see one are marked NaN (docs/semantics.md, "Bad values"). Before the main loop,
+    # while few registers are live.
+    i_bk = i_b * TK
+    b_nan = b_klo < 0  # all False
+    if any_bad(bad, i_bk + lo, i_bk + tl.maximum(lo, hi), i_h, H):  # rare
+        b_nan = _mark_bad_rows(bad, b_klo, b_khi, i_bk, i_h, lo, hi, H, BN)
+
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     # [BM, BK]
@@ -303,22 +313,19 @@ def band_fwd_kernel(
     b_acc = tl.zeros([BM, BV], dtype=tl.float32)
     b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BM], dtype=tl.float32)
-    # rows to mark NaN: a non-finite query, then (in the steps) a flagged key seen
-    b_nan = tl.max(tl.where((b_q == b_q) & (tl.abs(b_q.to(tl.float32)) < float("inf")), 0, 1), 1) > 0
-    i_bk = i_b * TK
     for i in range(n1):
-        b_acc, b_m, b_l, b_nan = _fwd_step(b_q, b_acc, b_m, b_l, b_nan, b_klo, b_khi, k, v, bad, i_bk, i_h,
-                                           lo + i * BN, hi, scale_log2, H, K, V, BN, BK, BV, True, PREC)
+        b_acc, b_m, b_l = _fwd_step(b_q, b_acc, b_m, b_l, b_klo, b_khi, k, v, i_bk, i_h, lo + i * BN, hi,
+                                    scale_log2, H, K, V, BN, BK, BV, True, PREC)
     for i in range(n2):
-        b_acc, b_m, b_l, b_nan = _fwd_step(b_q, b_acc, b_m, b_l, b_nan, b_klo, b_khi, k, v, bad, i_bk, i_h,
-                                           s2 + i * BN, hi, scale_log2, H, K, V, BN, BK, BV, False, PREC)
+        b_acc, b_m, b_l = _fwd_step(b_q, b_acc, b_m, b_l, b_klo, b_khi, k, v, i_bk, i_h, s2 + i * BN, hi,
+                                    scale_log2, H, K, V, BN, BK, BV, False, PREC)
     for i in range(n3):
-        b_acc, b_m, b_l, b_nan = _fwd_step(b_q, b_acc, b_m, b_l, b_nan, b_klo, b_khi, k, v, bad, i_bk, i_h,
-                                           s3 + i * BN, hi, scale_log2, H, K, V, BN, BK, BV, True, PREC)
+        b_acc, b_m, b_l = _fwd_step(b_q, b_acc, b_m, b_l, b_klo, b_khi, k, v, i_bk, i_h, s3 + i * BN, hi,
+                                    scale_log2, H, K, V, BN, BK, BV, True, PREC)
 
     # A row sees keys by its interval, not by its values: one that sees none gets o = 0 and
-    # lse = -inf whatever the values hold; one that sees a non-finite value, or asks with a
-    # non-finite query, gets NaN in both.
+    # lse = -inf whatever the values hold; one that sees a non-finite key or value gets NaN
+    # in both (a NaN query gives NaN by itself).
     has = b_khi > b_klo
     b_nan = b_nan & has
     b_o = tl.where(has[:, None], b_acc / tl.where(has, b_l, 1.0)[:, None], 0.0)
@@ -343,7 +350,7 @@ def _load_row_stats(lse, delta, o_row, m_r):
 @triton.jit
 def _dq_step(
     b_q, b_do, b_dq, b_lse, b_delta, b_klo, b_khi,  # [BM, BK], [BM, BV], [BM, BK], [BM] x 4
-    k, v, bad, i_bk, i_h, i_j, j_hi, scale_log2,
+    k, v, i_bk, i_h, i_j, j_hi, scale_log2,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     MASKED: tl.constexpr, PREC: tl.constexpr,
@@ -353,11 +360,8 @@ def _dq_step(
     o_v = tl.arange(0, BV)
     o_kv = (i_bk + o_j) * H + i_h
     m_j = o_j < j_hi
-    # Keys holding a NaN or Inf load as 0 (as in the forward): the masked dS = 0 of a row
-    # that does not see one stays 0 in dS @ K, and so does P = 0 in dO @ V^T.
-    m_kv = m_j & ~key_flags(bad, i_bk + o_j, m_j, i_h, H)
-    b_k = _load_2d(k + o_kv[:, None] * K + o_k[None, :], m_kv[:, None], (o_k < K)[None, :], True, BK != K)  # [BN, BK]
-    b_v = _load_2d(v + o_kv[:, None] * V + o_v[None, :], m_kv[:, None], (o_v < V)[None, :], True, BV != V)  # [BN, BV]
+    b_k = _load_2d(k + o_kv[:, None] * K + o_k[None, :], m_j[:, None], (o_k < K)[None, :], MASKED, BK != K)  # [BN, BK]
+    b_v = _load_2d(v + o_kv[:, None] * V + o_v[None, :], m_j[:, None], (o_v < V)[None, :], MASKED, BV != V)  # [BN, BV]
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale_log2  # [BM, BN]
     b_p = tl.exp2(b_s - b_lse[:, None])
     if MASKED:
@@ -371,7 +375,7 @@ def _dq_step(
 
 @triton.jit
 def band_bwd_dq_kernel(
-    q, k, v, bad, do, lse, delta, klo, khi, scale_log2, scale, T, TK,
+    q, k, v, do, lse, delta, klo, khi, scale_log2, scale, T, TK,
     dq,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
@@ -388,13 +392,13 @@ def band_bwd_dq_kernel(
     b_dq = tl.zeros([BM, BK], dtype=tl.float32)
     i_bk = i_b * TK
     for i in range(n1):
-        b_dq = _dq_step(b_q, b_do, b_dq, b_lse, b_delta, b_klo, b_khi, k, v, bad, i_bk, i_h, lo + i * BN, hi,
+        b_dq = _dq_step(b_q, b_do, b_dq, b_lse, b_delta, b_klo, b_khi, k, v, i_bk, i_h, lo + i * BN, hi,
                         scale_log2, H, K, V, BN, BK, BV, True, PREC)
     for i in range(n2):
-        b_dq = _dq_step(b_q, b_do, b_dq, b_lse, b_delta, b_klo, b_khi, k, v, bad, i_bk, i_h, s2 + i * BN, hi,
+        b_dq = _dq_step(b_q, b_do, b_dq, b_lse, b_delta, b_klo, b_khi, k, v, i_bk, i_h, s2 + i * BN, hi,
                         scale_log2, H, K, V, BN, BK, BV, False, PREC)
     for i in range(n3):
-        b_dq = _dq_step(b_q, b_do, b_dq, b_lse, b_delta, b_klo, b_khi, k, v, bad, i_bk, i_h, s3 + i * BN, hi,
+        b_dq = _dq_step(b_q, b_do, b_dq, b_lse, b_delta, b_klo, b_khi, k, v, i_bk, i_h, s3 + i * BN, hi,
                         scale_log2, H, K, V, BN, BK, BV, True, PREC)
     b_dq = b_dq * scale
     tl.store(dq + o_row[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_r[:, None] & (o_k < K)[None, :])
@@ -540,11 +544,12 @@ def _dims(q, k, v):
     return B, T, HQ, H, HQ // H, K, V, TK
 
 
-def band_forward(q, k, v, iv: Intervals, softmax_scale: float, cfg: BandFwdConfig):
-    """-> o [B, T, HQ, V] (q's dtype), lse float32 [B, T, HQ] in log2 units."""
+def band_forward(q, k, v, bad, iv: Intervals, softmax_scale: float, cfg: BandFwdConfig):
+    """-> o [B, T, HQ, V] (q's dtype), lse float32 [B, T, HQ] in log2 units. k and v finite;
+    bad = `bad_counts` of the keys and values they were made from."""
     B, T, HQ, H, G, K, V, TK = _dims(q, k, v)
     return triton_call(
-        q, k, v, bad_counts(k, v), iv.klo, iv.khi, log2_scale(softmax_scale), T, TK,
+        q, k, v, bad, iv.klo, iv.khi, log2_scale(softmax_scale), T, TK,
         kernel=band_fwd_kernel,
         out_shape=(jax.ShapeDtypeStruct((B, T, HQ, V), q.dtype), jax.ShapeDtypeStruct((B, T, HQ), jnp.float32)),
         grid=(triton.cdiv(T * G, cfg.block_m), H, B),
@@ -558,7 +563,7 @@ def band_backward_dq(q, k, v, do, lse, delta, iv: Intervals, softmax_scale: floa
     """-> dq [B, T, HQ, K] in q's dtype."""
     B, T, HQ, H, G, K, V, TK = _dims(q, k, v)
     return triton_call(
-        q, k, v, bad_counts(k, v), do, lse, delta, iv.klo, iv.khi, log2_scale(softmax_scale), np.float32(softmax_scale), T, TK,
+        q, k, v, do, lse, delta, iv.klo, iv.khi, log2_scale(softmax_scale), np.float32(softmax_scale), T, TK,
         kernel=band_bwd_dq_kernel,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         grid=(triton.cdiv(T * G, cfg.block_m), H, B),
@@ -610,20 +615,31 @@ def _sum_parts(parts: jax.Array, dtype) -> jax.Array:
 IntervalsFn = Callable[[jax.Array | None, int, int], Intervals]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def band_attention(intervals: IntervalsFn, softmax_scale: float, configs: BandConfigs, query, key, value, cu_seqlens):
     """(o [B, T, HQ, V] in query's dtype, lse float32 [B, T, HQ], natural log, -inf for a
     token that sees no key) of attention over the band `intervals` builds; differentiable
-    in query, key and value, through both outputs."""
-    return _band_fwd(intervals, softmax_scale, configs, query, key, value, cu_seqlens)[0]
+    in query, key and value, through both outputs.
+
+    Keys and values enter the kernels as their finite parts (non-finite entries 0, and no
+    gradient to them), with `bad_keys` of the originals, from which the forward marks
+    the rows that see a non-finite one NaN (docs/semantics.md, "Bad values"): so no masked
+    weight of 0 ever meets a NaN in a product, in the forward or the backward.
+    """
+    return _band(intervals, softmax_scale, configs, query, finite_part(key), finite_part(value),
+                 bad_keys(key, value), cu_seqlens)
 
 
-def _band_fwd(intervals, softmax_scale, configs, query, key, value, cu_seqlens):
-    def launch(q, k, v, cu):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _band(intervals, softmax_scale, configs, query, key, value, bad, cu_seqlens):
+    return _band_fwd(intervals, softmax_scale, configs, query, key, value, bad, cu_seqlens)[0]
+
+
+def _band_fwd(intervals, softmax_scale, configs, query, key, value, bad, cu_seqlens):
+    def launch(q, k, v, bad, cu):
         iv = intervals(cu, q.shape[1], k.shape[1])
-        return band_forward(q, k, v, iv, softmax_scale, configs.fwd)
+        return band_forward(q, k, v, bad_counts(bad), iv, softmax_scale, configs.fwd)
 
-    o, lse2 = vmappable(launch, "bbbv", "bb")(query, key, value, cu_seqlens)
+    o, lse2 = vmappable(launch, "bbbbv", "bb")(query, key, value, bad, cu_seqlens)
     return (o, lse2 * LN2), (query, key, value, o, lse2, cu_seqlens)
 
 
@@ -639,7 +655,7 @@ def _band_bwd(intervals, softmax_scale, configs, res, cotangents):
         return dq, dk, dv
 
     dq, dk, dv = vmappable(launch, "bbbbbbv", "bbb")(query, key, value, do.astype(query.dtype), lse2, delta, cu_seqlens)
-    return dq, dk, dv, None
+    return dq, dk, dv, None, None
 
 
-band_attention.defvjp(_band_fwd, _band_bwd)
+_band.defvjp(_band_fwd, _band_bwd)

@@ -58,9 +58,9 @@ import triton.language as tl
 from .._registry import Backend, Platform, kernel_registry
 from .._varlen import cdiv
 from ._call import triton_call
-from ._common import LOG2E, any_bad, bad_counts, dot_precision, head_tile, key_flags, log2_scale
+from ._common import LOG2E, any_bad, bad_counts, bad_keys, dot_precision, finite_part, head_tile, key_flags, log2_scale
 from ._vmap import vmappable
-from .selection_index import block_rows, block_starts, tile_union, token_lists, token_segment
+from .selection_index import SENT, block_rows, block_starts, tile_union, token_lists, token_segment
 
 
 def _is_f32(dtype) -> bool:
@@ -253,54 +253,74 @@ def _tile_union_of(union, count, mult, i_h, i_tile, NT, W: tl.constexpr, BT: tl.
 
 
 @triton.jit
-def _union_step(b_q, b_nan, k, v, bad, p_u, p_w, i, r_tok, m_r, t_r, o_c, o_k, o_v, m_k, m_v, t_hi, i_h, qk_scale,
+def _union_step(b_q, k, v, p_u, p_w, i, r_tok, m_r, t_r, o_c, o_k, o_v, m_k, m_v, t_hi, i_h, qk_scale,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, NC: tl.constexpr,
-                BC: tl.constexpr, PREC: tl.constexpr, MARK: tl.constexpr):
+                BC: tl.constexpr, PREC: tl.constexpr):
     """Step i of a tile's union loop (key chunk i % NC of union block i // NC): the scores
     [M, BC] in log2 units and where they count (the row's token selected the block and
-    j <= t), the block's multiplicity for each row's token [M], K [BC, BK], V [BC, BV] (0 past
-    the tile's last token t_hi), and the rows marked NaN [M] (with MARK).
-
-    A key whose key or value holds a NaN or Inf (`bad` from `bad_counts`) loads as 0, so
-    that a masked weight of 0 never meets it in a product: the rows of other tokens, other
-    sequences included, stay clean. With MARK (the forward) the rows that do attend it
-    are marked NaN."""
+    j <= t), the block's multiplicity for each row's token [M], and K [BC, BK], V [BC, BV]
+    (0 past the tile's last token t_hi)."""
     i_u = i // NC
     i_c = i % NC
     s = tl.load(p_u + i_u)  # global token of the block's first key
     b_w = tl.load(p_w + i_u * BT + r_tok, mask=m_r, other=0).to(tl.float32)
-    g0 = s + i_c * BC
-    o_j = g0 + o_c  # [BC] global key tokens
+    o_j = s + i_c * BC + o_c  # [BC] global key tokens
     m_j = o_j <= t_hi
-    b_bad = key_flags(bad, o_j, m_j, i_h, H)  # [BC]
-    m_kv = m_j & ~b_bad
     p_kv = (s.to(tl.int64) * H + i_h)
     o_kv = (i_c * BC + o_c) * H
-    b_k = tl.load(k + p_kv * K + o_kv[:, None] * K + o_k[None, :], mask=m_kv[:, None] & m_k[None, :], other=0.0)
-    b_v = tl.load(v + p_kv * V + o_kv[:, None] * V + o_v[None, :], mask=m_kv[:, None] & m_v[None, :], other=0.0)
+    b_k = tl.load(k + p_kv * K + o_kv[:, None] * K + o_k[None, :], mask=m_j[:, None] & m_k[None, :], other=0.0)
+    b_v = tl.load(v + p_kv * V + o_kv[:, None] * V + o_v[None, :], mask=m_j[:, None] & m_v[None, :], other=0.0)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
     m_s = (o_j[None, :] <= t_r[:, None]) & (b_w[:, None] > 0)
-    if MARK:
+    return b_s, m_s, b_w, b_k, b_v
+
+
+@triton.jit
+def _mark_bad_rows(bad, p_u, p_w, n_u, r_tok, m_r, t_r, o_c, t_hi, i_h,
+                   H: tl.constexpr, BT: tl.constexpr, NC: tl.constexpr, BC: tl.constexpr):
+    """[M] the rows that attend a key whose key or value held a NaN or Inf (`bad` from
+    `bad_counts`): a second, cheap pass over the tile's union (no dots), run only for a
+    tile whose union holds such a key, so that the main loop is that of finite inputs."""
+    b_nan = r_tok < 0  # all False
+    for i in range(0, n_u * NC):
+        i_u = i // NC
+        g0 = tl.load(p_u + i_u) + (i % NC) * BC
         g1 = tl.minimum(g0 + BC, t_hi + 1)
-        if any_bad(bad, tl.minimum(g0, g1), g1, i_h, H):  # rare
-            b_nan = b_nan | (tl.max(tl.where(m_s & b_bad[None, :], 1, 0), 1) > 0)
-    return b_s, m_s, b_w, b_k, b_v, b_nan
+        if any_bad(bad, tl.minimum(g0, g1), g1, i_h, H):
+            b_w = tl.load(p_w + i_u * BT + r_tok, mask=m_r, other=0)
+            o_j = g0 + o_c
+            m_j = o_j <= t_hi
+            m_s = (o_j[None, :] <= t_r[:, None]) & (b_w[:, None] > 0) & key_flags(bad, o_j, m_j, i_h, H)[None, :]
+            b_nan = b_nan | (tl.max(tl.where(m_s, 1, 0), 1) > 0)
+    return b_nan
 
 
 @triton.jit
 def selection_fwd_kernel(
-    q, k, v, bad, union, count, mult,  # inputs
+    q, k, v, bad, tbad, has, union, count, mult,  # inputs
     T, NTT, qk_scale,  # scalars
     o, lse,  # outputs
     H: tl.constexpr, HQ: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     GB: tl.constexpr, NG: tl.constexpr, BT: tl.constexpr, M: tl.constexpr, W: tl.constexpr,
     BS: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """o [B*T, HQ, V] and lse [B*T, HQ] (natural log, -inf for rows with no key) of one tile."""
+    """o [B*T, HQ, V] and lse [B*T, HQ] (natural log, -inf for rows with no key, NaN for rows
+    that attend a non-finite key or value) of one tile.
+    bad: `bad_counts` [B*T + 1, H]; tbad [H, NT]: 1 where the tile's union holds a flagged key;
+    has [B*T, H] int8: 1 where the token selected a block (it attends >= 1 key)."""
     NC: tl.constexpr = BS // BC
     i_tile, i_hg, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NT = tl.num_programs(0)
     i_h, t_hi, r_tok, m_r, t_r, o_row, row0 = _tile_rows(i_tile, i_hg, T, NTT, HQ, G, GB, NG, BT, M)
+
+    p_u, p_w, n_u = _tile_union_of(union, count, mult, i_h, i_tile, NT, W, BT)
+    o_c = tl.arange(0, BC)
+    # Keys whose key or value held a NaN or Inf were zeroed before the kernel; the rows
+    # that attend one are marked NaN (docs/semantics.md, "Bad values"). Before the main
+    # loop, while few registers are live.
+    b_nan = r_tok < 0  # all False
+    if tl.load(tbad + i_h * NT + i_tile) != 0:  # rare
+        b_nan = _mark_bad_rows(bad, p_u, p_w, n_u, r_tok, m_r, t_r, o_c, t_hi, i_h, H, BT, NC, BC)
 
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -309,20 +329,12 @@ def selection_fwd_kernel(
     # [M, BK]
     b_q = tl.load(q + row0 * K + o_row[:, None] * K + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
 
-    p_u, p_w, n_u = _tile_union_of(union, count, mult, i_h, i_tile, NT, W, BT)
-    o_c = tl.arange(0, BC)
-
     b_m = tl.full([M], float("-inf"), tl.float32)
     b_l = tl.zeros([M], tl.float32)
     b_o = tl.zeros([M, BV], tl.float32)
-    # rows to mark NaN: a non-finite query, then (in the steps) a flagged key attended
-    b_nan = tl.max(tl.where((b_q == b_q) & (tl.abs(b_q.to(tl.float32)) < float("inf")), 0, 1), 1) > 0
-    b_has = tl.zeros([M], tl.int1)  # the row's token selected a block: it attends >= 1 key
     for i in range(0, n_u * NC):
-        b_s, m_s, b_w, b_k, b_v, b_nan = _union_step(b_q, b_nan, k, v, bad, p_u, p_w, i, r_tok, m_r, t_r, o_c, o_k,
-                                                     o_v, m_k, m_v, t_hi, i_h, qk_scale, H, K, V, BT, NC, BC, PREC,
-                                                     True)
-        b_has = b_has | (b_w > 0)
+        b_s, m_s, b_w, b_k, b_v = _union_step(b_q, k, v, p_u, p_w, i, r_tok, m_r, t_r, o_c, o_k, o_v, m_k, m_v,
+                                              t_hi, i_h, qk_scale, H, K, V, BT, NC, BC, PREC)
         b_s = tl.where(m_s, b_s, float("-inf"))
         b_mn = tl.maximum(b_m, tl.max(b_s, 1))
         # a row that has seen no key keeps m = -inf; shift by 0 so that nothing is NaN
@@ -333,6 +345,7 @@ def selection_fwd_kernel(
         b_o = b_o * b_a[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
         b_m = b_mn
 
+    b_has = tl.load(has + t_r * H + i_h, mask=m_r, other=0) != 0
     # Whether a row attends anything comes from the selection, not from the values: a NaN
     # score gives a NaN row (and lse), not an empty one.
     b_nan = b_nan & b_has
@@ -348,7 +361,7 @@ def selection_fwd_kernel(
 
 @triton.jit
 def selection_bwd_dq_kernel(
-    q, k, v, bad, o, do, lse, union, count, mult,  # inputs
+    q, k, v, o, do, lse, union, count, mult,  # inputs
     T, NTT, qk_scale, scale,  # scalars
     dq, delta,  # outputs
     H: tl.constexpr, HQ: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -385,9 +398,8 @@ def selection_bwd_dq_kernel(
 
     b_dq = tl.zeros([M, BK], tl.float32)
     for i in range(0, n_u * NC):
-        # (dq marks no rows: the b_nan slot is filled with m_r and its result dropped)
-        b_s, m_s, b_w, b_k, b_v, _ = _union_step(b_q, m_r, k, v, bad, p_u, p_w, i, r_tok, m_r, t_r, o_c, o_k, o_v,
-                                                 m_k, m_v, t_hi, i_h, qk_scale, H, K, V, BT, NC, BC, PREC, False)
+        b_s, m_s, b_w, b_k, b_v = _union_step(b_q, k, v, p_u, p_w, i, r_tok, m_r, t_r, o_c, o_k, o_v, m_k, m_v,
+                                              t_hi, i_h, qk_scale, H, K, V, BT, NC, BC, PREC)
         b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0) * b_w[:, None]
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
         b_ds = b_p * (b_dp - b_delta[:, None])
@@ -533,14 +545,32 @@ def _dims(query, key, value):
     return batch, seq_len, hq, heads, hq // heads, dk, dv
 
 
-def _forward(query, key, value, tiles, plan: _Plan, block_size: int, scale: float, cfg: SelectionFwdConfig):
-    """(o, lse natural log) over the tile unions `tiles`."""
+def _tiles_with_bad_keys(union, counts, block_size: int) -> jax.Array:
+    """int32 [H, NT]: 1 where a block of the tile's union holds a flagged key (`counts`
+    from `bad_counts`); the forward looks for the keys themselves only in such tiles. The
+    gathers run only when some key is flagged at all."""
+    def find():
+        valid = union != SENT
+        g0 = jnp.where(valid, union, 0)
+        g1 = jnp.minimum(g0 + block_size, counts.shape[0] - 1)
+        h = jnp.arange(union.shape[0], dtype=jnp.int32)[:, None, None]
+        return jnp.any(valid & (counts[g1, h] > counts[g0, h]), axis=2).astype(jnp.int32)
+
+    none = lambda: jnp.zeros(union.shape[:2], jnp.int32)  # noqa: E731
+    return jax.lax.cond(jnp.any(counts[-1] > 0), find, none)
+
+
+def _forward(query, key, value, bad, has, tiles, plan: _Plan, block_size: int, scale: float,
+             cfg: SelectionFwdConfig):
+    """(o, lse natural log) over the tile unions `tiles`; bad = `bad_keys` [B, T, H]; has
+    int8 [B, T, H]: the token has a valid entry."""
     union, count, mult = tiles
     batch, seq_len, hq, heads, group, dk, dv = _dims(query, key, value)
     ntt = cdiv(seq_len, plan.bt)
     bv = min(cfg.block_v, head_tile(dv))
+    counts = bad_counts(bad)
     return triton_call(
-        query, key, value, bad_counts(key, value), union, count, mult,
+        query, key, value, counts, _tiles_with_bad_keys(union, counts, block_size), has, union, count, mult,
         seq_len, ntt, log2_scale(scale),
         kernel=selection_fwd_kernel,
         out_shape=(jax.ShapeDtypeStruct(query.shape[:3] + (dv,), query.dtype),
@@ -560,7 +590,7 @@ def _backward_dq(query, key, value, o, do, lse, tiles, plan: _Plan, block_size: 
     batch, seq_len, hq, heads, group, dk, dv = _dims(query, key, value)
     ntt = cdiv(seq_len, plan.bt)
     return triton_call(
-        query, key, value, bad_counts(key, value), o, do, lse, union, count, mult,
+        query, key, value, o, do, lse, union, count, mult,
         seq_len, ntt, log2_scale(scale), np.float32(scale),
         kernel=selection_bwd_dq_kernel,
         out_shape=(jax.ShapeDtypeStruct(query.shape, query.dtype),
@@ -620,15 +650,16 @@ def dkv_segment(query, key, value, block_indices, block_size: int, cfg: Selectio
                          cfg.partial_bytes)
 
 
-def _selected_forward(query, key, value, block_indices, block_counts, cu_seqlens, block_size, scale, cfg):
+def _selected_forward(query, key, value, bad, block_indices, block_counts, cu_seqlens, block_size, scale, cfg):
     group = query.shape[2] // key.shape[2]
     plan = _Plan.make(group, cfg.fwd.rows)
 
-    def launch(q, k, v, bi, bc, cu):
-        tiles = tile_union(block_starts(bi, bc, block_size, cu), plan.bt)
-        return _forward(q, k, v, tiles, plan, block_size, scale, cfg.fwd)
+    def launch(q, k, v, bad, bi, bc, cu):
+        starts = block_starts(bi, bc, block_size, cu)
+        has = jnp.any(starts != SENT, axis=-1).astype(jnp.int8)
+        return _forward(q, k, v, bad, has, tile_union(starts, plan.bt), plan, block_size, scale, cfg.fwd)
 
-    return vmappable(launch, "bbbbbv", "bb")(query, key, value, block_indices, block_counts, cu_seqlens)
+    return vmappable(launch, "bbbbbbv", "bb")(query, key, value, bad, block_indices, block_counts, cu_seqlens)
 
 
 def _selected_backward(query, key, value, block_indices, block_counts, cu_seqlens, o, lse, do, block_size, scale,
@@ -654,13 +685,15 @@ def _selected_backward(query, key, value, block_indices, block_counts, cu_seqlen
                                                  do.astype(query.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _selected(query, key, value, block_indices, block_counts, cu_seqlens, block_size, scale, cfg):
-    return _selected_forward(query, key, value, block_indices, block_counts, cu_seqlens, block_size, scale, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _selected(query, key, value, bad, block_indices, block_counts, cu_seqlens, block_size, scale, cfg):
+    return _selected_forward(query, key, value, bad, block_indices, block_counts, cu_seqlens, block_size, scale,
+                             cfg)[0]
 
 
-def _selected_fwd(query, key, value, block_indices, block_counts, cu_seqlens, block_size, scale, cfg):
-    o, lse = _selected_forward(query, key, value, block_indices, block_counts, cu_seqlens, block_size, scale, cfg)
+def _selected_fwd(query, key, value, bad, block_indices, block_counts, cu_seqlens, block_size, scale, cfg):
+    o, lse = _selected_forward(query, key, value, bad, block_indices, block_counts, cu_seqlens, block_size, scale,
+                               cfg)
     return o, (query, key, value, block_indices, block_counts, cu_seqlens, o, lse)
 
 
@@ -668,7 +701,7 @@ def _selected_bwd(block_size, scale, cfg, res, do):
     query, key, value, block_indices, block_counts, cu_seqlens, o, lse = res
     dq, dk, dv = _selected_backward(query, key, value, block_indices, block_counts, cu_seqlens, o, lse, do,
                                     block_size, scale, cfg)
-    return dq, dk, dv, None, None, None
+    return dq, dk, dv, None, None, None, None
 
 
 _selected.defvjp(_selected_fwd, _selected_bwd)
@@ -691,7 +724,10 @@ def selected_attention(query, key, value, block_indices, block_counts, block_siz
         block_counts = block_counts.astype(jnp.int32)
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.astype(jnp.int32)
-    args = (query, key, value, block_indices, block_counts, cu_seqlens, block_size, float(softmax_scale), config)
+    # The kernels compute with the finite parts of key and value; the forward marks the
+    # rows that attend a non-finite one NaN (docs/semantics.md, "Bad values").
+    args = (query, finite_part(key), finite_part(value), bad_keys(key, value), block_indices, block_counts, cu_seqlens,
+            block_size, float(softmax_scale), config)
     if return_lse:
         return _selected_forward(*args)
     return _selected(*args)

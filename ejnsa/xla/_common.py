@@ -113,22 +113,23 @@ def finite_part(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(x with its non-finite entries set to 0, which vectors x[..., :] held one).
 
     The branches whose keys are shared by a chunk of queries (window, compression) compute
-    with the finite part, so that a masked weight of 0 never meets a NaN in a product, in
-    the forward or in autodiff's backward; `mark_bad` then gives NaN to the rows that did
-    attend (or ask with) a non-finite value. Finite inputs come back unchanged, bit for bit.
+    with the finite part of the keys and values, so that a masked weight of 0 never meets a
+    NaN in a product, in the forward or in autodiff's backward; `mark_bad` then gives NaN
+    to the rows that did attend a non-finite one. Finite inputs come back unchanged, bit
+    for bit.
     """
     ok = jnp.isfinite(x)
     return jnp.where(ok, x, 0.0), ~jnp.all(ok, axis=-1)
 
 
-def mark_bad(o, lse, has, q_bad, mask, kv_bad):
-    """NaN where the contract says: o and lse of a row that sees something and whose query
-    holds a non-finite value or that attends a key whose key or value does. The other rows
-    are untouched (select, not multiply).
+def mark_bad(o, lse, has, mask, kv_bad):
+    """NaN where the contract says: o and lse of a row that attends a key whose key or
+    value holds a non-finite value (a NaN query gives NaN by itself). The other rows are
+    untouched (select, not multiply).
 
-    o [B, C, H, G, Dv], lse / has / q_bad [B, C, H, G], mask [C, J] (the same for every
-    head and batch row), kv_bad [B, J, H].
+    o [B, C, H, G, Dv], lse / has [B, C, H, G], mask [C, J] (the same for every head and
+    batch row), kv_bad [B, J, H].
     """
     hits = jnp.einsum("cj,bjh->bch", mask.astype(jnp.float32), kv_bad.astype(jnp.float32)) > 0
-    bad = has & (q_bad | hits[..., None])
+    bad = has & hits[..., None]
     return jnp.where(bad[..., None], jnp.nan, o), jnp.where(bad, jnp.nan, lse)

@@ -60,12 +60,12 @@ def nsa_compression(query, k_cmp, v_cmp, block_size, softmax_scale, cu_seqlens):
             own = ((r >= boc[0]) & (r < boc[0] + (seq[0] + block_size - 1) // block_size) & inside[0])
             kc = jnp.where(own[None, :, None, None], kc, 0.0)
             vc = jnp.where(own[None, :, None, None], vc, 0.0)
-        qg, q_bad = finite_part(grouped(q, h))
+        qg = grouped(q, h)
         s = compression_scores(qg, kc, softmax_scale)
         vis = visible_rows(pos, boc, inside, k32.shape[1], block_size)
         p, denom, lse, has = masked_softmax_stats(s, vis[None, :, None, None, :])
         o = normalise(einsum("bchgj,bjhd->bchgd", p, vc), denom, has)
-        o, lse = mark_bad(o, lse, has, q_bad, vis, k_bad | v_bad)
+        o, lse = mark_bad(o, lse, has, vis, k_bad | v_bad)
         return o.reshape(batch, q.shape[1], hq, -1), lse.reshape(batch, q.shape[1], hq)
 
     bounds = None if cu_seqlens is None else token_segments(cu_seqlens, seq_len)[0]

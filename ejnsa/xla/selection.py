@@ -66,11 +66,10 @@ def apply_native_sparse_attention(query, key, value, block_indices, block_counts
         s = einsum("bchgd,bchjd->bchgj", qg, kg) * softmax_scale
         p, denom, _, has = masked_softmax_stats(s, ok[:, :, :, None, :])
         o = normalise(einsum("bchgj,bchjd->bchgd", p, vg), denom, has)
-        # NaN for a row that asks with a non-finite query or attends a non-finite key or
-        # value, whatever the arithmetic made of it (an Inf value would give Inf).
+        # NaN for a row that attends a non-finite key or value, whatever the arithmetic
+        # made of it (an Inf value would give Inf, an Inf key a score of -inf).
         kv_bad = ~jnp.all(jnp.isfinite(kg), -1) | ~jnp.all(jnp.isfinite(vg), -1)  # [B, C, H, S*l]
-        bad = has & (~jnp.all(jnp.isfinite(qg), -1) | jnp.any(kv_bad, -1)[..., None])
-        o = jnp.where(bad[..., None], jnp.nan, o)
+        o = jnp.where((has & jnp.any(kv_bad, -1)[..., None])[..., None], jnp.nan, o)
         return o.reshape(batch, c, hq, -1)
 
     chunk = max(1, GATHERED_KEYS // (num_sel * block_size))

@@ -51,11 +51,11 @@ def sliding_window_attention(query, key, value, window_size, softmax_scale, cu_s
         vc, v_bad = finite_part(vc)
         ok = (j[None, :] <= t[:, None]) & (j[None, :] > t[:, None] - w) & (j[None, :] >= bos[:, None])
         ok &= inside[:, None]
-        qg, q_bad = finite_part(q.astype(jnp.float32).reshape(batch, c, h, hq // h, -1))
+        qg = q.astype(jnp.float32).reshape(batch, c, h, hq // h, -1)
         s = einsum("bchgd,bjhd->bchgj", qg, kc) * softmax_scale
         p, denom, lse, has = masked_softmax_stats(s, ok[None, :, None, None, :])
         o = normalise(einsum("bchgj,bjhd->bchgd", p, vc), denom, has)
-        o, _ = mark_bad(o, lse, has, q_bad, ok, k_bad | v_bad)
+        o, _ = mark_bad(o, lse, has, ok, k_bad | v_bad)
         return o.reshape(batch, c, hq, -1)
 
     t = jnp.arange(seq_len, dtype=jnp.int32)

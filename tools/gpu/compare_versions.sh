@@ -8,6 +8,7 @@
 set -u
 out=$1; T=$2; rounds=$3; shift 3
 here=$(cd "$(dirname "$0")/../.." && pwd)
+mkdir -p "$out"
 for v in "$@"; do mkdir -p "$v/benchmarks" && cp "$here"/benchmarks/{bench_nsa.py,_common.py} "$v/benchmarks/"; done
 for r in $(seq 1 "$rounds"); do
   for inputs in random coherent; do
