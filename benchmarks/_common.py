@@ -166,3 +166,26 @@ def selection_problems(idx, score, tol: float = 1e-6) -> int:
                 ok = ok and all(row[b] <= row[a] + tol for a, b in zip(chosen, chosen[1:]))
             bad += not ok
     return bad
+
+
+def run_and_save(run, args, name: str, summarize) -> dict:
+    """res = run(args), timed; then, whatever happened, the results go to JSON (args.out, or
+    $OUT/name when OUT is set) and summarize(res) and the wall time to the log."""
+    import json
+
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    t0 = time.perf_counter()
+    res = {}
+    try:
+        res = run(args)
+    finally:
+        res["wall_s"] = time.perf_counter() - t0
+        out = args.out or (os.path.join(os.environ["OUT"], name) if os.environ.get("OUT") else None)
+        if out:
+            with open(out, "w") as f:
+                json.dump(res, f, indent=1, default=str)
+            log(f"wrote {out}")
+        if "rows" in res:
+            log(summarize(res))
+        log(f"wall {res['wall_s']:.0f} s")
+    return res

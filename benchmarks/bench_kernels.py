@@ -124,7 +124,7 @@ def pattern_stats(idx, name, T):
 
     G = HQ // H
     cfg = sel.SelectionConfig.default(D, D, G, L, jnp.bfloat16)
-    plan = sel._Plan.make(G, cfg.fwd.rows)
+    plan = sel.TilePlan.make(G, cfg.fwd.rows)
 
     @jax.jit
     def stats(idx):

@@ -236,7 +236,7 @@ def test_segment_split_and_reduce():
     small = dataclasses.replace(cfg.dkv, rows=16, min_segment=2, partial_bytes=1 << 30)
     cfg = dataclasses.replace(cfg, dkv=small)
     seg = sel.dkv_segment(q, k, v, bi, l, small)
-    p = sel._Plan.make(HQ // H, small.rows).bt  # tokens per step
+    p = sel.TilePlan.make(HQ // H, small.rows).bt  # tokens per step
     assert seg == 2 * p
     rows = idx.block_rows(B, T, l, None)
     part_num = idx.token_lists(bi, None, l, None, rows[0], seg)[3]

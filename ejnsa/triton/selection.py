@@ -78,8 +78,9 @@ def _is_f32(dtype) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
-    """One tiling: BT tokens x GB query heads per program, M rows (>= 16, a power of two)."""
+class TilePlan:
+    """A tiling of the rows (tokens x query heads of one KV head): BT tokens x GB query heads
+    per program, M rows (>= 16, a power of two); `make(G, rows)` for a target of rows."""
 
     bt: int  # tokens per tile
     gb: int  # query heads per program (G split into NG chunks of GB when G is large)
@@ -87,11 +88,11 @@ class _Plan:
     rows: int  # M
 
     @staticmethod
-    def make(group: int, target_rows: int) -> "_Plan":
+    def make(group: int, target_rows: int) -> "TilePlan":
         ng = cdiv(group, max(1, target_rows))
         gb = cdiv(group, ng)
         bt = max(1, target_rows // gb)
-        return _Plan(bt, gb, ng, max(16, triton.next_power_of_2(bt * gb)))
+        return TilePlan(bt, gb, ng, max(16, triton.next_power_of_2(bt * gb)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +112,7 @@ class SelectionFwdConfig:
         # shared memory of the operands: from head dims of 128 on, only dq's 16-row tiles
         # compile without spilling (dq follows the forward's tiling).
         rows = 16 if _is_f32(dtype) and max(dk, dv) >= 128 else 64
-        m = _Plan.make(group, rows).rows
+        m = TilePlan.make(group, rows).rows
         big = max(dk, dv) > 128
         bv = head_tile(dv)
         if _is_f32(dtype) or big:
@@ -204,7 +205,7 @@ class SelectionConfig:
     @staticmethod
     def default(dk: int, dv: int, group: int, block_size: int, dtype) -> "SelectionConfig":
         fwd = SelectionFwdConfig.default(dk, dv, group, block_size, dtype)
-        rows = _Plan.make(group, fwd.rows).rows
+        rows = TilePlan.make(group, fwd.rows).rows
         return SelectionConfig(
             fwd=fwd,
             dq=SelectionDqConfig.default(dk, dv, rows, block_size, dtype),
@@ -560,7 +561,7 @@ def _tiles_with_bad_keys(union, counts, block_size: int) -> jax.Array:
     return jax.lax.cond(jnp.any(counts[-1] > 0), find, none)
 
 
-def _forward(query, key, value, bad, has, tiles, plan: _Plan, block_size: int, scale: float,
+def _forward(query, key, value, bad, has, tiles, plan: TilePlan, block_size: int, scale: float,
              cfg: SelectionFwdConfig):
     """(o, lse natural log) over the tile unions `tiles`; bad = `bad_keys` [B, T, H]; has
     int8 [B, T, H]: the token has a valid entry."""
@@ -583,7 +584,7 @@ def _forward(query, key, value, bad, has, tiles, plan: _Plan, block_size: int, s
     )
 
 
-def _backward_dq(query, key, value, o, do, lse, tiles, plan: _Plan, block_size: int, scale: float,
+def _backward_dq(query, key, value, o, do, lse, tiles, plan: TilePlan, block_size: int, scale: float,
                  cfg: SelectionDqConfig):
     """(dq, delta = rowsum(o * do) in float32)."""
     union, count, mult = tiles
@@ -610,7 +611,7 @@ def _backward_dkv(query, key, value, lse, delta, do, lists, rows, block_size: in
     toks, desc, part_off, part_num = lists
     row_start, row_len = rows
     batch, seq_len, hq, heads, group, dk, dv = _dims(query, key, value)
-    plan = _Plan.make(group, cfg.rows)
+    plan = TilePlan.make(group, cfg.rows)
     br = row_start.shape[0]
     bc = min(cfg.block_keys, block_size)
     nparts = cdiv(2 * toks.shape[0], seg) + 1
@@ -646,13 +647,13 @@ def dkv_segment(query, key, value, block_indices, block_size: int, cfg: Selectio
     if num_entries >= 2**31:
         raise ValueError(f"selected attention's dk/dv index holds H * B * T * S entries in int32; got "
                          f"{heads} * {batch} * {seq_len} * {block_indices.shape[3]} = {num_entries} >= 2**31")
-    return token_segment(num_entries, _Plan.make(group, cfg.rows).bt, block_size, dk, dv, cfg.min_segment,
+    return token_segment(num_entries, TilePlan.make(group, cfg.rows).bt, block_size, dk, dv, cfg.min_segment,
                          cfg.partial_bytes)
 
 
 def _selected_forward(query, key, value, bad, block_indices, block_counts, cu_seqlens, block_size, scale, cfg):
     group = query.shape[2] // key.shape[2]
-    plan = _Plan.make(group, cfg.fwd.rows)
+    plan = TilePlan.make(group, cfg.fwd.rows)
 
     def launch(q, k, v, bad, bi, bc, cu):
         starts = block_starts(bi, bc, block_size, cu)
@@ -665,7 +666,7 @@ def _selected_forward(query, key, value, bad, block_indices, block_counts, cu_se
 def _selected_backward(query, key, value, block_indices, block_counts, cu_seqlens, o, lse, do, block_size, scale,
                        cfg):
     group = query.shape[2] // key.shape[2]
-    plan = _Plan.make(group, cfg.fwd.rows)
+    plan = TilePlan.make(group, cfg.fwd.rows)
 
     def launch(q, k, v, bi, bc, cu, o, lse, do):
         batch, seq_len = q.shape[:2]

@@ -29,11 +29,10 @@ import argparse
 import json
 import os
 import sys
-import time
 
 # The benchmarks' shared helpers (timing, the float64 check of selections).
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
-from _common import batched_ms, guarded, log, selection_problems, topk_scores_f64  # noqa: E402
+from _common import batched_ms, guarded, log, run_and_save, selection_problems, topk_scores_f64  # noqa: E402
 
 SHAPE = dict(B=1, HQ=64, H=4, D=128, block_size=64, S=16, dtype="bfloat16")
 
@@ -204,22 +203,7 @@ def main() -> None:
         SHAPE.update(HQ=8, H=2, D=32, block_size=16, S=4)
         args.T = [96]
         args.reps = 1
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    t0 = time.perf_counter()
-    res = {}
-    try:
-        res = run(args)
-    finally:
-        res["wall_s"] = time.perf_counter() - t0
-        out = args.out or (os.path.join(os.environ["OUT"], "sweep_topk.json") if os.environ.get("OUT") else None)
-        if out:
-            with open(out, "w") as f:
-                json.dump(res, f, indent=1, default=str)
-            log(f"wrote {out}")
-        if "rows" in res:
-            log(summarize(res))
-        log(f"wall {res['wall_s']:.0f} s")
-
+    run_and_save(run, args, "sweep_topk.json", summarize)
 
 if __name__ == "__main__":
     main()
