@@ -128,7 +128,7 @@ def pattern_stats(idx, name, T):
 
     @jax.jit
     def stats(idx):
-        starts = index.block_starts(idx, None, L, None)
+        starts = index.block_starts(idx, None, L, None, T)
         count = index.tile_union(starts, plan.bt)[1]
         valid = jnp.sum(starts != index.SENT) / starts[..., 0].size
         return jnp.mean(count.astype(jnp.float32)), valid
@@ -137,7 +137,7 @@ def pattern_stats(idx, name, T):
 
     @jax.jit
     def meta_fwd(idx):
-        return index.tile_union(index.block_starts(idx, None, L, None), plan.bt)
+        return index.tile_union(index.block_starts(idx, None, L, None, T), plan.bt)
 
     @jax.jit
     def meta_bwd(idx):
@@ -145,7 +145,7 @@ def pattern_stats(idx, name, T):
                               jax.ShapeDtypeStruct((1, T, H, D), jnp.bfloat16),
                               jax.ShapeDtypeStruct((1, T, H, D), jnp.bfloat16), idx, L, cfg.dkv)
         rows = index.block_rows(1, T, L, None)
-        return index.token_lists(idx, None, L, None, rows[0], seg)
+        return index.token_lists(idx, None, L, None, rows[0], seg, T)
 
     try:
         t_fwd, t_bwd = median_ms(meta_fwd, idx, reps=5), median_ms(meta_bwd, idx, reps=5)

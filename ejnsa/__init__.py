@@ -8,6 +8,8 @@ from ._api import native_sparse_attention as native_sparse_attention
 from ._api import nsa_compression as nsa_compression
 from ._api import nsa_topk as nsa_topk
 from ._api import sliding_window_attention as sliding_window_attention
+from ._context import context_reorder as context_reorder
+from ._context import context_restore as context_restore
 from ._registry import Backend as Backend
 from ._registry import Platform as Platform
 from ._registry import kernel_registry as kernel_registry
@@ -36,6 +38,8 @@ __all__ = [
     "Platform",
     "Unsupported",
     "apply_native_sparse_attention",
+    "context_reorder",
+    "context_restore",
     "kernel_registry",
     "mean_pooling",
     "native_sparse_attention",

@@ -15,18 +15,18 @@ import jax
 import jax.numpy as jnp
 
 from ._registry import Backend, Platform, kernel_registry
-from ._varlen import cdiv, token_info
+from ._varlen import cdiv, key_cu, token_info
 
 
-def topk_slots(block_counts, seq_len: int, block_size: int) -> int:
+def topk_slots(block_counts, num_keys: int, block_size: int) -> int:
     """Static number of top-k slots: S for an int; every possible block for an array.
 
-    An array's counts are unknown at trace time, so top-k keeps ceil(T / l) slots, enough
+    An array's counts are unknown at trace time, so top-k keeps ceil(TK / l) slots, enough
     for any count; slots past a token's count are ignored (or set to -1 by nsa_topk).
     """
     if isinstance(block_counts, int):
         return block_counts
-    return cdiv(seq_len, block_size)
+    return cdiv(num_keys, block_size)
 
 
 def clamp_counts(block_counts, num_slots: int):
@@ -57,9 +57,9 @@ def native_sparse_attention_pipeline(
         return kernel_registry.call(name, *args, platform=platform)
 
     def pool(x):
-        return kernel_registry.call("mean_pooling", x, block_size, cu_seqlens)
+        return kernel_registry.call("mean_pooling", x, block_size, key_cu(cu_seqlens))
 
-    seq_len = query.shape[1]
+    num_keys = key.shape[1]
 
     o_cmp = None
     if g_cmp is not None or block_indices is None:
@@ -67,10 +67,10 @@ def native_sparse_attention_pipeline(
         lse = None
         if g_cmp is not None:
             v_cmp = pool(value)
-            o_cmp, lse = piece("nsa_compression", query, k_cmp, v_cmp, block_size, softmax_scale, cu_seqlens)
+            o_cmp, lse = piece("nsa_compression", query, k_cmp, v_cmp, block_size, softmax_scale, cu_seqlens, num_keys)
         if block_indices is None:
             # Selection is not differentiable (semantics.md piece 3): no gradient through the scores.
-            slots = topk_slots(block_counts, seq_len, block_size)
+            slots = topk_slots(block_counts, num_keys, block_size)
             block_indices = piece(
                 "nsa_topk",
                 jax.lax.stop_gradient(query),
@@ -80,6 +80,7 @@ def native_sparse_attention_pipeline(
                 block_size,
                 softmax_scale,
                 cu_seqlens,
+                num_keys,
             )
 
     counts = clamp_counts(block_counts, block_indices.shape[-1])
@@ -99,7 +100,7 @@ def native_sparse_attention_pipeline(
     if cu_seqlens is not None:
         # Tokens outside every sequence output 0 whatever their gates hold (a select: no
         # gradient reaches their gates either).
-        inside = token_info(cu_seqlens, seq_len, block_size).inside
+        inside = token_info(cu_seqlens, query.shape[1], block_size, num_keys).inside
         o = jnp.where(inside[None, :, None, None], o, 0.0)
     return o.astype(query.dtype)
 

@@ -73,10 +73,11 @@ def check_softmax_scale(softmax_scale, head_dim: int) -> float:
 
 
 def check_attention_inputs(query, key, value) -> None:
-    """query [B, T, HQ, Dk], key [B, T, H, Dk], value [B, T, H, Dv], one float dtype."""
+    """query [B, TQ, HQ, Dk], key [B, TK, H, Dk], value [B, TK, H, Dv], one float dtype,
+    TQ <= TK (the queries are the last TQ positions of the keys)."""
     for name, x in (("query", query), ("key", key), ("value", value)):
         _require_float(name, x)
-    expect = {"query": "[B, T, HQ, Dk]", "key": "[B, T, H, Dk]", "value": "[B, T, H, Dv]"}
+    expect = {"query": "[B, TQ, HQ, Dk]", "key": "[B, TK, H, Dk]", "value": "[B, TK, H, Dv]"}
     for name, x in (("query", query), ("key", key), ("value", value)):
         if x.ndim != 4:
             raise ValueError(f"{name} must have shape {expect[name]} (rank 4), got shape {tuple(x.shape)}")
@@ -86,11 +87,16 @@ def check_attention_inputs(query, key, value) -> None:
         )
     b, t, hq, dk = query.shape
     if b < 1 or t < 1:
-        raise ValueError(f"query must have B >= 1 and T >= 1, got shape {tuple(query.shape)}")
-    if key.shape[:2] != (b, t):
-        raise ValueError(f"key must have shape [B, T, H, Dk] with B, T = {(b, t)} of query, got {tuple(key.shape)}")
+        raise ValueError(f"query must have B >= 1 and TQ >= 1, got shape {tuple(query.shape)}")
+    if key.shape[0] != b:
+        raise ValueError(f"key must have shape [B, TK, H, Dk] with B = {b} of query, got {tuple(key.shape)}")
+    if key.shape[1] < t:
+        raise ValueError(
+            f"query has more tokens (TQ={t}) than key (TK={key.shape[1]}): the queries must be the last TQ "
+            f"positions of the keys, TQ <= TK (query {tuple(query.shape)}, key {tuple(key.shape)})"
+        )
     if value.shape[:3] != key.shape[:3]:
-        raise ValueError(f"value must have shape [B, T, H, Dv] with B, T, H = {tuple(key.shape[:3])} of key, got {tuple(value.shape)}")
+        raise ValueError(f"value must have shape [B, TK, H, Dv] with B, TK, H = {tuple(key.shape[:3])} of key, got {tuple(value.shape)}")
     h = key.shape[2]
     if h < 1 or hq % h:
         raise ValueError(f"query heads HQ={hq} must be a multiple of key/value heads H={h} (query {tuple(query.shape)}, key {tuple(key.shape)})")
@@ -101,25 +107,76 @@ def check_attention_inputs(query, key, value) -> None:
             raise ValueError(f"{name} must be in [1, {MAX_HEAD_DIM}], got {d}")
 
 
+def check_key_length(key_length, query) -> int:
+    """TK of the functions that see only compressed keys: None means TK = TQ."""
+    if key_length is None:
+        return query.shape[1]
+    key_length = _require_int("key_length", key_length)
+    if key_length < query.shape[1]:
+        raise ValueError(
+            f"key_length must be >= the query's TQ={query.shape[1]} (the queries are the last TQ of "
+            f"key_length positions), got {key_length}"
+        )
+    return key_length
+
+
 def check_gate(name: str, gate, query):
-    """Gates are [B, T, HQ] floats; None passes through."""
+    """Gates are [B, TQ, HQ] floats; None passes through."""
     if gate is None:
         return None
     _require_float(name, gate)
     if tuple(gate.shape) != tuple(query.shape[:3]):
-        raise ValueError(f"{name} must have shape [B, T, HQ] = {tuple(query.shape[:3])}, got {tuple(gate.shape)}")
+        raise ValueError(f"{name} must have shape [B, TQ, HQ] = {tuple(query.shape[:3])}, got {tuple(gate.shape)}")
     return gate
 
 
-def check_cu_seqlens(cu_seqlens, batch: int):
+def _check_cu(name: str, cu):
+    _require_int_array(name, cu)
+    if cu.ndim != 1 or cu.shape[0] < 2:
+        raise ValueError(f"{name} must have shape [N+1] with N >= 1, got {tuple(cu.shape)}")
+    return jnp.asarray(cu).astype(jnp.int32)
+
+
+def check_cu_seqlens(cu_seqlens, batch: int, num_queries: int | None = None, num_keys: int | None = None):
+    """None, one int array [N+1] (queries and keys packed alike: TQ == TK), or a pair
+    (cu_q, cu_k) of int arrays [N+1] (sequence i's queries are the last cu_q[i+1] - cu_q[i]
+    positions of its cu_k[i+1] - cu_k[i] keys; where the values can be seen, no sequence
+    may have more queries than keys)."""
     if cu_seqlens is None:
         return None
-    _require_int_array("cu_seqlens", cu_seqlens)
-    if cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 2:
-        raise ValueError(f"cu_seqlens must have shape [N+1] with N >= 1, got {tuple(cu_seqlens.shape)}")
     if batch != 1:
         raise ValueError(f"cu_seqlens requires batch size B == 1 (sequences are packed along T), got B={batch}")
-    return jnp.asarray(cu_seqlens).astype(jnp.int32)
+    if isinstance(cu_seqlens, (tuple, list)):
+        if len(cu_seqlens) != 2:
+            raise ValueError(f"cu_seqlens must be one array [N+1] or a pair (cu_q, cu_k), got {len(cu_seqlens)} items")
+        cu_q, cu_k = _check_cu("cu_seqlens[0] (cu_q)", cu_seqlens[0]), _check_cu("cu_seqlens[1] (cu_k)", cu_seqlens[1])
+        if cu_q.shape != cu_k.shape:
+            raise ValueError(f"cu_q and cu_k must have the same shape [N+1], got {tuple(cu_q.shape)} and {tuple(cu_k.shape)}")
+        _check_cu_values(cu_q, cu_k)
+        return cu_q, cu_k
+    if not hasattr(cu_seqlens, "shape"):
+        raise TypeError(f"cu_seqlens must be an integer array [N+1] or a pair (cu_q, cu_k), got {type(cu_seqlens).__name__}")
+    cu = _check_cu("cu_seqlens", cu_seqlens)
+    if num_queries is not None and num_keys is not None and num_queries != num_keys:
+        raise ValueError(
+            f"one cu_seqlens array packs queries and keys alike, which needs TQ == TK (got TQ={num_queries}, "
+            f"TK={num_keys}); pass cu_seqlens=(cu_q, cu_k)"
+        )
+    return cu
+
+
+def _check_cu_values(cu_q, cu_k) -> None:
+    """A sequence with more queries than keys, where the values can be seen (outside jit).
+    Other malformed values are read as docs/semantics.md ("Bad values") says, as under jit."""
+    try:
+        q, k = np.asarray(cu_q), np.asarray(cu_k)
+    except Exception:  # a tracer: the values are not known here
+        return
+    bad = np.flatnonzero(np.diff(q) > np.diff(k))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"cu_seqlens: sequence {i} has more queries ({int(q[i + 1] - q[i])}) than keys "
+                         f"({int(k[i + 1] - k[i])}); cu_q {q.tolist()}, cu_k {k.tolist()}")
 
 
 def check_block_indices(block_indices, query, key):
@@ -127,20 +184,20 @@ def check_block_indices(block_indices, query, key):
     b, t = query.shape[:2]
     h = key.shape[2]
     if block_indices.ndim != 4 or tuple(block_indices.shape[:3]) != (b, t, h) or block_indices.shape[3] < 1:
-        raise ValueError(f"block_indices must have shape [B, T, H, S] = [{b}, {t}, {h}, S>=1], got {tuple(block_indices.shape)}")
+        raise ValueError(f"block_indices must have shape [B, TQ, H, S] = [{b}, {t}, {h}, S>=1], got {tuple(block_indices.shape)}")
     return jnp.asarray(block_indices)
 
 
 def check_block_counts(block_counts, query, key):
-    """An int S >= 1, or an integer array [B, T, H]."""
+    """An int S >= 1, or an integer array [B, TQ, H]."""
     if isinstance(block_counts, numbers.Integral) and not isinstance(block_counts, bool):
         return _require_int("block_counts", block_counts, minimum=1)
     if not hasattr(block_counts, "shape"):
-        raise TypeError(f"block_counts must be an int or an integer array [B, T, H], got {type(block_counts).__name__}")
+        raise TypeError(f"block_counts must be an int or an integer array [B, TQ, H], got {type(block_counts).__name__}")
     _require_int_array("block_counts", block_counts)
     want = (query.shape[0], query.shape[1], key.shape[2])
     if tuple(block_counts.shape) != want:
-        raise ValueError(f"block_counts array must have shape [B, T, H] = {list(want)}, got {tuple(block_counts.shape)}")
+        raise ValueError(f"block_counts array must have shape [B, TQ, H] = {list(want)}, got {tuple(block_counts.shape)}")
     return jnp.asarray(block_counts)
 
 
@@ -161,8 +218,8 @@ def check_compressed(k_cmp, v_cmp, query, min_rows: int):
         )
     if k_cmp.shape[1] < min_rows:
         raise ValueError(
-            f"k_cmp must have at least {min_rows} compressed rows (what mean_pooling returns for this T, "
-            f"block_size and cu_seqlens), got {k_cmp.shape[1]}"
+            f"k_cmp must have at least {min_rows} compressed rows (what mean_pooling returns for this key "
+            f"length, block_size and cu_seqlens), got {k_cmp.shape[1]}"
         )
     if v_cmp is not None:
         if tuple(v_cmp.shape[:3]) != tuple(k_cmp.shape[:3]) or not 1 <= v_cmp.shape[3] <= MAX_HEAD_DIM:
@@ -174,10 +231,32 @@ def check_compressed(k_cmp, v_cmp, query, min_rows: int):
 def check_query(query):
     _require_float("query", query)
     if query.ndim != 4 or query.shape[0] < 1 or query.shape[1] < 1:
-        raise ValueError(f"query must have shape [B, T, HQ, Dk] with B, T >= 1, got {tuple(query.shape)}")
+        raise ValueError(f"query must have shape [B, TQ, HQ, Dk] with B, TQ >= 1, got {tuple(query.shape)}")
 
 
 def check_pooling_input(x):
     _require_float("x", x)
     if x.ndim != 4 or x.shape[0] < 1 or x.shape[1] < 1:
         raise ValueError(f"x must have shape [B, T, H, D] with B, T >= 1, got {tuple(x.shape)}")
+
+
+def check_context(context_axis, context_layout, query, key, cu_seqlens) -> None:
+    """Context parallelism: an axis name, a known layout, local blocks of one T (queries
+    and keys alike), a single global cu_seqlens."""
+    from ._context import LAYOUTS, axis_size
+
+    if not isinstance(context_axis, str):
+        raise TypeError(f"context_axis must be a mesh axis name (str) or None, got {type(context_axis).__name__}")
+    if context_layout not in LAYOUTS:
+        raise ValueError(f"context_layout must be one of {LAYOUTS}, got {context_layout!r}")
+    if query.shape[1] != key.shape[1]:
+        raise ValueError(
+            f"with context_axis, query and key are this shard's blocks of the same T (TQ == TK), got "
+            f"TQ={query.shape[1]} and TK={key.shape[1]}"
+        )
+    if isinstance(cu_seqlens, tuple):
+        raise ValueError("with context_axis, cu_seqlens is the global [N+1] array (a pair (cu_q, cu_k) is not supported)")
+    axis_size(context_axis)  # bound by the enclosing shard_map
+    if context_layout == "balanced" and query.shape[1] % 2:
+        raise ValueError(f"context_layout='balanced' needs an even number of tokens per shard (two chunks), got "
+                         f"{query.shape[1]}")

@@ -1,10 +1,14 @@
-"""Per-token and per-sequence metadata for packed (varlen) batches.
+"""Per-token and per-sequence metadata for packed (varlen) batches and for queries that
+are a suffix of the keys.
 
-A packed batch has B == 1 and `cu_seqlens` [N+1] (FlashAttention convention). Every
-implementation needs the same facts about it: where a token's sequence starts, the
-token's position inside it, and where the sequence's compressed blocks start in the
-packed `k_cmp`. They are computed here once, in jnp, so they work under `jit` with
-traced `cu_seqlens` and serve the XLA code and the Triton launchers alike.
+A packed batch has B == 1 and `cu_seqlens` [N+1] (FlashAttention convention), or a pair
+(cu_q, cu_k) when the queries are fewer than the keys: sequence i's queries are then the
+last cu_q[i+1] - cu_q[i] positions of its cu_k[i+1] - cu_k[i] keys. Without cu_seqlens,
+query i of TQ stands at position TK - TQ + i of the TK keys. Every implementation needs
+the same facts: where a query's sequence starts on the key axis, the query's position in
+it, and where the sequence's compressed blocks start in the packed `k_cmp`. They are
+computed here once, in jnp, so they work under `jit` with traced `cu_seqlens` and serve
+the XLA code and the Triton launchers alike.
 
 Malformed `cu_seqlens` cannot be detected under `jit`. Every implementation reads it as
 `sanitize_cu_seqlens` makes it: clipped into [cu[0], cu[-1]] (themselves clipped into
@@ -40,13 +44,26 @@ def num_compressed_rows(seq_len: int, block_size: int, num_seqs: int | None) -> 
 
 
 class TokenInfo(NamedTuple):
-    """Per-token facts, each [T] (int32; `inside` bool)."""
+    """Per-query facts, each [TQ] (int32; `inside`, `after` bool). Positions and starts are
+    on the key axis (for TQ == TK and one cu_seqlens the two axes are the same)."""
 
-    pos: jax.Array  # position of the token inside its sequence
-    bos: jax.Array  # index (in the packed T axis) of its sequence's first token
-    seq_len: jax.Array  # length of its sequence
+    pos: jax.Array  # position of the query inside its sequence (key positions)
+    bos: jax.Array  # index on the key axis of its sequence's first key
+    seq_len: jax.Array  # number of keys of its sequence
     boc: jax.Array  # row of its sequence's first compressed block in packed k_cmp
-    inside: jax.Array  # the token belongs to a sequence (False outside [cu[0], cu[-1]))
+    inside: jax.Array  # the query belongs to a sequence (False outside [cu[0], cu[-1]))
+    key: jax.Array  # index on the key axis of the query's own position: bos + pos
+    after: jax.Array  # the query lies after every sequence (an outside query that is not before)
+
+
+def key_cu(cu_seqlens):
+    """The cu_seqlens of the key axis: cu_k of a pair, the array itself otherwise."""
+    return cu_seqlens[1] if isinstance(cu_seqlens, tuple) else cu_seqlens
+
+
+def query_cu(cu_seqlens):
+    """The cu_seqlens of the query axis: cu_q of a pair, the array itself otherwise."""
+    return cu_seqlens[0] if isinstance(cu_seqlens, tuple) else cu_seqlens
 
 
 class SeqInfo(NamedTuple):
@@ -68,12 +85,13 @@ def sanitize_cu_seqlens(cu_seqlens: jax.Array, seq_len: int) -> jax.Array:
     return jax.lax.cummax(jnp.clip(cu, lo, hi), axis=0)
 
 
-def sequence_info(cu_seqlens: jax.Array | None, seq_len: int, block_size: int) -> SeqInfo:
-    """Facts per sequence; without cu_seqlens a single sequence of length T."""
+def sequence_info(cu_seqlens, seq_len: int, block_size: int) -> SeqInfo:
+    """Facts per sequence of the key axis (seq_len = TK; cu: the array, or cu_k of a pair);
+    without cu_seqlens a single sequence of length TK."""
     if cu_seqlens is None:
         one = lambda x: jnp.full((1,), x, jnp.int32)
         return SeqInfo(one(0), one(seq_len), one(0), one(cdiv(seq_len, block_size)))
-    cu = sanitize_cu_seqlens(cu_seqlens, seq_len)
+    cu = sanitize_cu_seqlens(key_cu(cu_seqlens), seq_len)
     bos = cu[:-1]
     lens = cu[1:] - bos
     nblk = (lens + block_size - 1) // block_size
@@ -81,26 +99,62 @@ def sequence_info(cu_seqlens: jax.Array | None, seq_len: int, block_size: int) -
     return SeqInfo(bos, lens, boc.astype(jnp.int32), nblk.astype(jnp.int32))
 
 
-def token_info(cu_seqlens: jax.Array | None, seq_len: int, block_size: int) -> TokenInfo:
-    """Facts per token of the T axis (shared by all batch rows when cu_seqlens is None).
+def token_info(cu_seqlens, seq_len: int, block_size: int, num_keys: int | None = None) -> TokenInfo:
+    """Facts per query of the query axis (shared by all batch rows when cu_seqlens is None).
 
-    A token outside every sequence gets the facts of the nearest sequence (pos 0 before
-    the first, past the end after the last) and inside = False; implementations mask it.
+    num_keys: TK (None: TK = TQ = seq_len). cu_seqlens: None, one array (TQ == TK), or a
+    pair (cu_q, cu_k). A query outside every sequence gets the facts of the nearest
+    sequence (pos 0 before the first, past the end after the last) and inside = False;
+    implementations mask it. So does a query of a sequence with more queries than keys
+    (a malformed pair under jit): its position would be negative.
     """
+    tk = seq_len if num_keys is None else num_keys
     t = jnp.arange(seq_len, dtype=jnp.int32)
     if cu_seqlens is None:
         zeros = jnp.zeros_like(t)
-        return TokenInfo(t, zeros, jnp.full_like(t, seq_len), zeros, jnp.ones((seq_len,), bool))
-    cu = sanitize_cu_seqlens(cu_seqlens, seq_len)
-    seqs = sequence_info(cu, seq_len, block_size)
+        pos = t + (tk - seq_len)
+        no = jnp.zeros((seq_len,), bool)
+        return TokenInfo(pos, zeros, jnp.full_like(t, tk), zeros, ~no, pos, no)
+    cu_q = sanitize_cu_seqlens(query_cu(cu_seqlens), seq_len)
+    cu_k = sanitize_cu_seqlens(key_cu(cu_seqlens), tk)
+    seqs = sequence_info(cu_k, tk, block_size)
     n = seqs.bos.shape[0]
-    # side="right" puts a token at a boundary into the sequence that starts there, and
+    # side="right" puts a query at a boundary into the sequence that starts there, and
     # skips empty sequences (whose start equals the next one's).
-    sid = jnp.searchsorted(cu[1:], t, side="right")
-    sid = jnp.clip(sid, 0, n - 1)
+    sid = jnp.clip(jnp.searchsorted(cu_q[1:], t, side="right"), 0, n - 1)
+    len_q = cu_q[sid + 1] - cu_q[sid]
+    pos = seqs.seq_len[sid] - len_q + (t - cu_q[sid])
+    inside = (t >= cu_q[0]) & (t < cu_q[-1]) & (pos >= 0)
+    pos = jnp.maximum(pos, 0)
     bos = seqs.bos[sid]
-    inside = (t >= cu[0]) & (t < cu[-1])
-    return TokenInfo(jnp.maximum(t - bos, 0), bos, seqs.seq_len[sid], seqs.boc[sid], inside)
+    return TokenInfo(pos, bos, seqs.seq_len[sid], seqs.boc[sid], inside, bos + pos, t >= cu_q[-1])
+
+
+class KeySide(NamedTuple):
+    """Per-key facts for mapping keys to the queries that see them, each int32 [TK]."""
+
+    first: jax.Array  # key index of the first query position of the key's sequence
+    end: jax.Array  # key index one past the key's sequence
+    off: jax.Array  # key index - query index, for the queries of the key's sequence
+    inside: jax.Array  # bool: the key belongs to a sequence
+    q_start: jax.Array  # query index of the key's sequence's first query
+
+
+def key_side(cu_seqlens, num_queries: int, num_keys: int) -> KeySide:
+    """Which queries can see key j: those of its sequence, from key position `first` on;
+    a query at key index p has query index p - off."""
+    j = jnp.arange(num_keys, dtype=jnp.int32)
+    if cu_seqlens is None:
+        full = lambda x: jnp.full((num_keys,), x, jnp.int32)  # noqa: E731
+        return KeySide(full(num_keys - num_queries), full(num_keys), full(num_keys - num_queries),
+                       jnp.ones((num_keys,), bool), full(0))
+    cu_q = sanitize_cu_seqlens(query_cu(cu_seqlens), num_queries)
+    cu_k = sanitize_cu_seqlens(key_cu(cu_seqlens), num_keys)
+    n = cu_k.shape[0] - 1
+    sid = jnp.clip(jnp.searchsorted(cu_k[1:], j, side="right"), 0, n - 1)
+    len_q = cu_q[sid + 1] - cu_q[sid]
+    first = cu_k[sid + 1] - len_q
+    return KeySide(first, cu_k[sid + 1], cu_k[sid + 1] - cu_q[sid + 1], (j >= cu_k[0]) & (j < cu_k[-1]), cu_q[sid])
 
 
 def segment_tiles(bounds: jax.Array, length: int, tile: int) -> tuple[jax.Array, jax.Array, jax.Array, int]:
@@ -125,10 +179,11 @@ def segment_tiles(bounds: jax.Array, length: int, tile: int) -> tuple[jax.Array,
     return first.astype(jnp.int32), n.astype(jnp.int32), sid, num_tiles
 
 
-def token_segments(cu_seqlens: jax.Array, seq_len: int) -> tuple[jax.Array, jax.Array]:
-    """The T axis cut into [0, cu[0]), the N sequences, [cu[-1], T): bounds int32 [N + 3]
-    and whether each of the N + 2 segments is a sequence (bool [N + 2])."""
-    cu = sanitize_cu_seqlens(cu_seqlens, seq_len)
+def token_segments(cu_seqlens, seq_len: int) -> tuple[jax.Array, jax.Array]:
+    """The query axis cut into [0, cu[0]), the N sequences, [cu[-1], T) (cu: the array, or
+    cu_q of a pair): bounds int32 [N + 3] and whether each of the N + 2 segments is a
+    sequence (bool [N + 2])."""
+    cu = sanitize_cu_seqlens(query_cu(cu_seqlens), seq_len)
     bounds = jnp.concatenate([jnp.zeros((1,), jnp.int32), cu, jnp.full((1,), seq_len, jnp.int32)])
     n = cu.shape[0] - 1
     live = jnp.arange(n + 2) - 1

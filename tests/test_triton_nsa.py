@@ -53,9 +53,11 @@ def _pipeline_indices(platform, q, k, v, g_cmp, block_counts, l, scale, cu):
     k_cmp = pool(k, l, cu)
     lse = None
     if g_cmp is not None:
-        _, lse = kernel_registry.call("nsa_compression", q, k_cmp, pool(v, l, cu), l, scale, cu, platform=platform)
-    slots = topk_slots(block_counts, q.shape[1], l)
-    return kernel_registry.call("nsa_topk", q, k_cmp, lse, slots, l, scale, cu, platform=platform), k_cmp
+        _, lse = kernel_registry.call("nsa_compression", q, k_cmp, pool(v, l, cu), l, scale, cu, k.shape[1],
+                                        platform=platform)
+    slots = topk_slots(block_counts, k.shape[1], l)
+    return kernel_registry.call("nsa_topk", q, k_cmp, lse, slots, l, scale, cu, k.shape[1],
+                                platform=platform), k_cmp
 
 
 def _masked(idx, block_counts):

@@ -239,7 +239,7 @@ def test_segment_split_and_reduce():
     p = sel.TilePlan.make(HQ // H, small.rows).bt  # tokens per step
     assert seg == 2 * p
     rows = idx.block_rows(B, T, l, None)
-    part_num = idx.token_lists(bi, None, l, None, rows[0], seg)[3]
+    part_num = idx.token_lists(bi, None, l, None, rows[0], seg, T)[3]
     assert int(jnp.max(part_num)) > 2  # some lists are split, block 0's into many segments
     check(triton_run(q, k, v, bi, None, l, 0.4, None, do, cfg), want, jnp.float32, "segments")
 
@@ -256,12 +256,12 @@ def test_token_lists_segments():
         cu_j = None if cu is None else jnp.asarray(cu)
         bi = messy_block_indices(rng, B, T, H, S, l, cu)
         bc = None if counts is None else jnp.asarray(rng.integers(0, S + 1, size=(B, T, H)).astype(np.int32))
-        starts = np.asarray(idx.block_starts(bi, bc, l, cu_j))
+        starts = np.asarray(idx.block_starts(bi, bc, l, cu_j, T))
         row_start, row_len = (np.asarray(x) for x in idx.block_rows(B, T, l, cu_j))
         br = row_start.shape[0]
         e = H * B * T * S
         toks, desc, part_off, part_num = (np.asarray(x) for x in idx.token_lists(
-            bi, bc, l, cu_j, jnp.asarray(row_start), seg))
+            bi, bc, l, cu_j, jnp.asarray(row_start), seg, T))
         assert desc.shape[0] == H * br + -(-e // seg)
         covered, slots, firsts = {}, [], []
         for lst, lo, hi, out in desc:
@@ -297,7 +297,7 @@ def test_tile_union():
     rng = np.random.default_rng(2)
     B, T, H, S, l, bt = 2, 70, 3, 4, 8, 4
     bi = messy_block_indices(rng, B, T, H, S, l)
-    st = np.asarray(idx.block_starts(bi, None, l, None))
+    st = np.asarray(idx.block_starts(bi, None, l, None, T))
     union, count, mult = (np.asarray(x) for x in idx.tile_union(jnp.asarray(st), bt))
     nt = union.shape[1]
     for h in range(H):

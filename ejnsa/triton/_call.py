@@ -15,8 +15,9 @@ Where a kernel runs
 2. Triton's interpreter, on the CPU. When `TRITON_INTERPRET=1` was set before the kernels
    were decorated, `@triton.jit` returns `InterpretedFunction` objects, which no compiler
    can take. `triton_call` then runs the same kernel, launch by launch, through Triton's
-   interpreter on NumPy buffers inside `jax.pure_callback`, so `jit`, `custom_vjp` and
-   `eval_shape` behave as on the GPU. This path is chosen whenever the kernel object is an
+   interpreter on NumPy buffers inside a host callback (`jax.pure_callback`; inside a
+   partitioned operation, `ejnsa.triton._host`'s dispatcher), so `jit`, `custom_vjp`,
+   `eval_shape` and sharded inputs behave as on the GPU. This path is chosen whenever the kernel object is an
    `InterpretedFunction`, even if a GPU is present (jax_triton cannot compile it).
 3. Anywhere else (no GPU and interpreter off, or a compiled `JITFunction` on a machine
    without a GPU) the call raises the `RuntimeError` of `require_triton`, which says why
@@ -97,6 +98,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ._host import host_call
 
 __all__ = [
     "gpu_available",
@@ -843,8 +846,9 @@ def _interpreter_call(base, args, structs, grid, meta, label) -> tuple[jax.Array
 
     @jax.custom_batching.custom_vmap
     def launch(*device_arrays):
-        # vmap_method=None: the callback itself is never batched (see the rule below).
-        return tuple(jax.pure_callback(lambda *xs: host(xs), structs, *device_arrays))
+        # A host callback (jax.pure_callback, or the dispatcher inside a partitioned body:
+        # ejnsa.triton._host), never batched itself (see the rule below).
+        return host_call(host, structs, *device_arrays)
 
     @launch.def_vmap
     def _refuse_vmap(axis_size, in_batched, *device_arrays):

@@ -69,7 +69,7 @@ import triton.language as tl
 from ._call import triton_call
 from .._varlen import segment_tiles
 from ._common import any_bad, bad_counts, bad_keys, dot_precision, finite_part, head_tile, key_flags, log2_scale
-from ._vmap import vmappable
+from ._shard import launcher
 
 LN2 = math.log(2.0)
 
@@ -639,7 +639,8 @@ def _band_fwd(intervals, softmax_scale, configs, query, key, value, bad, cu_seql
         iv = intervals(cu, q.shape[1], k.shape[1])
         return band_forward(q, k, v, bad_counts(bad), iv, softmax_scale, configs.fwd)
 
-    o, lse2 = vmappable(launch, "bbbbv", "bb")(query, key, value, bad, cu_seqlens)
+    o, lse2 = launcher(launch, ("b.q.", "b.h.", "b.h.", "b.h", None), ("b.q.", "b.q"))(query, key, value, bad,
+                                                                                   cu_seqlens)
     return (o, lse2 * LN2), (query, key, value, o, lse2, cu_seqlens)
 
 
@@ -654,7 +655,9 @@ def _band_bwd(intervals, softmax_scale, configs, res, cotangents):
         dk, dv = band_backward_dkv(q, k, v, do, lse2, delta, iv, softmax_scale, configs.dkv)
         return dq, dk, dv
 
-    dq, dk, dv = vmappable(launch, "bbbbbbv", "bbb")(query, key, value, do.astype(query.dtype), lse2, delta, cu_seqlens)
+    layouts = ("b.q.", "b.h.", "b.h.", "b.q.", "b.q", "b.q", None)
+    dq, dk, dv = launcher(launch, layouts, ("b.q.", "b.h.", "b.h."))(query, key, value, do.astype(query.dtype), lse2,
+                                                                   delta, cu_seqlens)
     return dq, dk, dv, None, None
 
 

@@ -27,7 +27,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from .._registry import Backend, Platform, kernel_registry
-from .._varlen import sequence_info, token_info
+from .._varlen import query_cu, sanitize_cu_seqlens, sequence_info, token_info
 from .band import BandConfigs, Intervals, band_attention, clip_intervals
 
 # dK/dV programs to aim for (key tiles x query parts x B x H) and the fewest query
@@ -55,49 +55,60 @@ def default_configs(query, k_cmp, v_cmp) -> BandConfigs:
 
 @dataclasses.dataclass(frozen=True)
 class CompressionIntervals:
-    """The compressed band for `band_attention`: token t sees rows
-    [boc_t, boc_t + (pos_t + 1) // l); row c (block c_loc of sequence s) is seen by the
-    tokens bos_s + (c_loc + 1) * l - 1 .. eos_s - 1; rows past the packed total by none."""
+    """The compressed band for `band_attention`: a query at key position p sees the rows
+    [boc, boc + (p + 1) // l) of its sequence; row c (block c_loc of sequence s) is seen by
+    the queries of s at key positions from (c_loc + 1) * l - 1 on (query index = key index
+    - the sequence's offset); rows past the packed total by none. key_length: TK."""
 
     block_size: int
+    key_length: int
 
-    def __call__(self, cu_seqlens, seq_len: int, num_rows: int) -> Intervals:
-        size = self.block_size
-        info = token_info(cu_seqlens, seq_len, size)
+    def __call__(self, cu_seqlens, num_queries: int, num_rows: int) -> Intervals:
+        size, tk = self.block_size, self.key_length
+        info = token_info(cu_seqlens, num_queries, size, tk)
         klo = info.boc
         khi = info.boc + (info.pos + 1) // size
-        seqs = sequence_info(cu_seqlens, seq_len, size)
+        seqs = sequence_info(cu_seqlens, tk, size)
         ends = seqs.boc + seqs.num_blocks
         c = jnp.arange(num_rows, dtype=jnp.int32)
         s = jnp.clip(jnp.searchsorted(ends, c, side="right"), 0, ends.shape[0] - 1)
         valid = c < ends[-1]
-        qf = jnp.where(valid, seqs.bos[s] + (c - seqs.boc[s] + 1) * size - 1, seq_len)
-        ql = jnp.where(valid, seqs.bos[s] + seqs.seq_len[s] - 1, seq_len - 1)
+        # The queries of sequence s: the last len_q of its keys, query index = key index - off.
+        if cu_seqlens is None:
+            eos, len_q, q_end = jnp.full_like(s, tk), jnp.full_like(s, num_queries), jnp.full_like(s, num_queries)
+        else:
+            cu_q = sanitize_cu_seqlens(query_cu(cu_seqlens), num_queries)
+            eos, len_q, q_end = seqs.bos[s] + seqs.seq_len[s], cu_q[s + 1] - cu_q[s], cu_q[s + 1]
+        off = eos - q_end
+        seen_from = jnp.maximum(seqs.bos[s] + (c - seqs.boc[s] + 1) * size - 1, eos - len_q)
+        qf = jnp.where(valid, seen_from - off, num_queries)
+        ql = jnp.where(valid, eos - 1 - off, num_queries - 1)
         bounds = None
         if cu_seqlens is not None:
-            # A token outside every sequence sees no row: empty intervals, at row 0 before
-            # the sequences and at their total after them, so both ends never decrease.
-            t = jnp.arange(seq_len, dtype=jnp.int32)
-            khi = jnp.where(info.inside, khi, jnp.where(t < info.bos, 0, ends[-1]))
+            # A query outside every sequence sees no row: an empty interval at its
+            # sequence's first row (at the total after the last), so both ends never decrease.
+            khi = jnp.where(info.inside, khi, jnp.where(info.after, ends[-1], info.boc))
             klo = jnp.where(info.inside, klo, khi)
             bounds = jnp.concatenate([seqs.boc, ends[-1:], jnp.full((1,), num_rows, jnp.int32)])
-        return clip_intervals(Intervals(klo, khi, qf, ql, bounds), seq_len, num_rows)
+        return clip_intervals(Intervals(klo, khi, qf, ql, bounds), num_queries, num_rows)
 
 
-def nsa_compression_with(query, k_cmp, v_cmp, block_size, softmax_scale, cu_seqlens, configs: BandConfigs):
-    """`nsa_compression` with explicit tiles (tests, tuning)."""
-    return band_attention(CompressionIntervals(int(block_size)), float(softmax_scale), configs, query, k_cmp, v_cmp,
-                          cu_seqlens)
+def nsa_compression_with(query, k_cmp, v_cmp, block_size, softmax_scale, cu_seqlens, configs: BandConfigs,
+                         key_length: int | None = None):
+    """`nsa_compression` with explicit tiles (tests, tuning); key_length None: TK = TQ."""
+    key_length = query.shape[1] if key_length is None else key_length
+    return band_attention(CompressionIntervals(int(block_size), int(key_length)), float(softmax_scale), configs, query,
+                          k_cmp, v_cmp, cu_seqlens)
 
 
 @kernel_registry.register("nsa_compression", Platform.TRITON, Backend.GPU)
-def nsa_compression(query, k_cmp, v_cmp, block_size, softmax_scale, cu_seqlens):
-    """(o_cmp [B, T, HQ, Dv] in query's dtype, lse_cmp float32 [B, T, HQ]).
+def nsa_compression(query, k_cmp, v_cmp, block_size, softmax_scale, cu_seqlens, num_keys=None):
+    """(o_cmp [B, TQ, HQ, Dv] in query's dtype, lse_cmp float32 [B, TQ, HQ]).
 
-    query [B, T, HQ, Dk]; k_cmp [B, TC, H, Dk], v_cmp [B, TC, H, Dv] (mean-pooled blocks,
-    packed per sequence with cu_seqlens). Token t sees block c iff (c + 1) * l - 1 <= its
-    position; none: o = 0, lse = -inf. Differentiable in query, k_cmp, v_cmp, through
-    both outputs.
+    query [B, TQ, HQ, Dk]; k_cmp [B, TC, H, Dk], v_cmp [B, TC, H, Dv] (mean-pooled blocks of
+    num_keys = TK keys (None: TQ), packed per sequence with cu_seqlens). A query at key position p sees
+    block c iff (c + 1) * l - 1 <= p; none: o = 0, lse = -inf. Differentiable in query,
+    k_cmp, v_cmp, through both outputs.
     """
     configs = default_configs(query, k_cmp, v_cmp)
-    return nsa_compression_with(query, k_cmp, v_cmp, block_size, softmax_scale, cu_seqlens, configs)
+    return nsa_compression_with(query, k_cmp, v_cmp, block_size, softmax_scale, cu_seqlens, configs, num_keys)

@@ -56,10 +56,10 @@ import triton
 import triton.language as tl
 
 from .._registry import Backend, Platform, kernel_registry
-from .._varlen import cdiv
+from .._varlen import cdiv, key_cu, token_info
 from ._call import triton_call
 from ._common import LOG2E, any_bad, bad_counts, bad_keys, dot_precision, finite_part, head_tile, key_flags, log2_scale
-from ._vmap import vmappable
+from ._shard import launcher, match_vma
 from .selection_index import SENT, block_rows, block_starts, tile_union, token_lists, token_segment
 
 
@@ -228,12 +228,14 @@ class SelectionConfig:
 
 
 @triton.jit
-def _tile_rows(i_tile, i_hg, T, NTT, HQ: tl.constexpr, G: tl.constexpr, GB: tl.constexpr, NG: tl.constexpr,
-               BT: tl.constexpr, M: tl.constexpr):
-    """The rows of program (i_tile, i_hg) of the forward and dq: its KV head, the tile's last
-    global token (no key past it is ever needed), and per row [M] its token within the tile,
-    mask, global token, and offset (token * HQ + head, small int32) from row0, the int64 row
-    of the tile's first (token, head) in q / o / lse."""
+def _tile_rows(i_tile, i_hg, T, NTT, qkey, HQ: tl.constexpr, G: tl.constexpr, GB: tl.constexpr, NG: tl.constexpr,
+               BT: tl.constexpr, M: tl.constexpr, SUFFIX: tl.constexpr):
+    """The rows of program (i_tile, i_hg) of the forward and dq: its KV head, the global key
+    of the tile's last query (no key past it is ever needed), and per row [M] its query
+    within the tile, mask, global query (b * T + t), global key of its position, and offset
+    (query * HQ + head, small int32) from row0, the int64 row of the tile's first (query,
+    head) in q / o / lse. Without SUFFIX a query's key is the query itself (TQ == TK);
+    with it, qkey [B * TQ] holds the key of every query."""
     i_h, i_g = i_hg // NG, i_hg % NG
     i_b, t0 = i_tile // NTT, (i_tile % NTT) * BT
     t_hi = i_b * T + tl.minimum(t0 + BT, T) - 1
@@ -242,7 +244,10 @@ def _tile_rows(i_tile, i_hg, T, NTT, HQ: tl.constexpr, G: tl.constexpr, GB: tl.c
     r_g = i_g * GB + o_r % GB
     m_r = (o_r < BT * GB) & (t0 + r_tok < T) & (r_g < G)
     row0 = (i_b * T + t0).to(tl.int64) * HQ + i_h * G
-    return i_h, t_hi, r_tok, m_r, i_b * T + t0 + r_tok, r_tok * HQ + r_g, row0
+    t_r = i_b * T + t0 + r_tok
+    if SUFFIX:
+        return i_h, tl.load(qkey + t_hi), r_tok, m_r, t_r, tl.load(qkey + t_r, mask=m_r, other=0), r_tok * HQ + r_g, row0
+    return i_h, t_hi, r_tok, m_r, t_r, t_r, r_tok * HQ + r_g, row0
 
 
 @triton.jit
@@ -298,12 +303,13 @@ def _mark_bad_rows(bad, p_u, p_w, n_u, r_tok, m_r, t_r, o_c, t_hi, i_h,
 
 @triton.jit
 def selection_fwd_kernel(
-    q, k, v, bad, tbad, has, union, count, mult,  # inputs
+    q, k, v, bad, tbad, has, qkey, union, count, mult,  # inputs
     T, NTT, qk_scale,  # scalars
     o, lse,  # outputs
     H: tl.constexpr, HQ: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     GB: tl.constexpr, NG: tl.constexpr, BT: tl.constexpr, M: tl.constexpr, W: tl.constexpr,
     BS: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    SUFFIX: tl.constexpr,
 ):
     """o [B*T, HQ, V] and lse [B*T, HQ] (natural log, -inf for rows with no key, NaN for rows
     that attend a non-finite key or value) of one tile.
@@ -312,7 +318,8 @@ def selection_fwd_kernel(
     NC: tl.constexpr = BS // BC
     i_tile, i_hg, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NT = tl.num_programs(0)
-    i_h, t_hi, r_tok, m_r, t_r, o_row, row0 = _tile_rows(i_tile, i_hg, T, NTT, HQ, G, GB, NG, BT, M)
+    i_h, k_hi, r_tok, m_r, t_r, k_r, o_row, row0 = _tile_rows(i_tile, i_hg, T, NTT, qkey, HQ, G, GB, NG, BT, M,
+                                                               SUFFIX)
 
     p_u, p_w, n_u = _tile_union_of(union, count, mult, i_h, i_tile, NT, W, BT)
     o_c = tl.arange(0, BC)
@@ -321,7 +328,7 @@ def selection_fwd_kernel(
     # loop, while few registers are live.
     b_nan = r_tok < 0  # all False
     if tl.load(tbad + i_h * NT + i_tile) != 0:  # rare
-        b_nan = _mark_bad_rows(bad, p_u, p_w, n_u, r_tok, m_r, t_r, o_c, t_hi, i_h, H, BT, NC, BC)
+        b_nan = _mark_bad_rows(bad, p_u, p_w, n_u, r_tok, m_r, k_r, o_c, k_hi, i_h, H, BT, NC, BC)
 
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -334,8 +341,8 @@ def selection_fwd_kernel(
     b_l = tl.zeros([M], tl.float32)
     b_o = tl.zeros([M, BV], tl.float32)
     for i in range(0, n_u * NC):
-        b_s, m_s, b_w, b_k, b_v = _union_step(b_q, k, v, p_u, p_w, i, r_tok, m_r, t_r, o_c, o_k, o_v, m_k, m_v,
-                                              t_hi, i_h, qk_scale, H, K, V, BT, NC, BC, PREC)
+        b_s, m_s, b_w, b_k, b_v = _union_step(b_q, k, v, p_u, p_w, i, r_tok, m_r, k_r, o_c, o_k, o_v, m_k, m_v,
+                                              k_hi, i_h, qk_scale, H, K, V, BT, NC, BC, PREC)
         b_s = tl.where(m_s, b_s, float("-inf"))
         b_mn = tl.maximum(b_m, tl.max(b_s, 1))
         # a row that has seen no key keeps m = -inf; shift by 0 so that nothing is NaN
@@ -362,12 +369,13 @@ def selection_fwd_kernel(
 
 @triton.jit
 def selection_bwd_dq_kernel(
-    q, k, v, o, do, lse, union, count, mult,  # inputs
+    q, k, v, o, do, lse, qkey, union, count, mult,  # inputs
     T, NTT, qk_scale, scale,  # scalars
     dq, delta,  # outputs
     H: tl.constexpr, HQ: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     GB: tl.constexpr, NG: tl.constexpr, BT: tl.constexpr, M: tl.constexpr, W: tl.constexpr,
     BS: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    SUFFIX: tl.constexpr,
 ):
     """dq [B*T, HQ, K] and delta = rowsum(o * do) [B*T, HQ] of one tile.
 
@@ -377,7 +385,8 @@ def selection_bwd_dq_kernel(
     NC: tl.constexpr = BS // BC
     i_tile, i_hg = tl.program_id(0), tl.program_id(1)
     NT = tl.num_programs(0)
-    i_h, t_hi, r_tok, m_r, t_r, o_row, row0 = _tile_rows(i_tile, i_hg, T, NTT, HQ, G, GB, NG, BT, M)
+    i_h, k_hi, r_tok, m_r, t_r, k_r, o_row, row0 = _tile_rows(i_tile, i_hg, T, NTT, qkey, HQ, G, GB, NG, BT, M,
+                                                               SUFFIX)
 
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
@@ -399,8 +408,8 @@ def selection_bwd_dq_kernel(
 
     b_dq = tl.zeros([M, BK], tl.float32)
     for i in range(0, n_u * NC):
-        b_s, m_s, b_w, b_k, b_v = _union_step(b_q, k, v, p_u, p_w, i, r_tok, m_r, t_r, o_c, o_k, o_v, m_k, m_v,
-                                              t_hi, i_h, qk_scale, H, K, V, BT, NC, BC, PREC)
+        b_s, m_s, b_w, b_k, b_v = _union_step(b_q, k, v, p_u, p_w, i, r_tok, m_r, k_r, o_c, o_k, o_v, m_k, m_v,
+                                              k_hi, i_h, qk_scale, H, K, V, BT, NC, BC, PREC)
         b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0) * b_w[:, None]
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
         b_ds = b_p * (b_dp - b_delta[:, None])
@@ -419,12 +428,13 @@ def _list_block(lst, row_start, row_len, BR):
 
 @triton.jit
 def selection_bwd_dkv_kernel(
-    q, k, v, do, lse, delta, toks, desc, row_start, row_len,  # inputs
+    q, k, v, do, lse, delta, toks, qkey, desc, row_start, row_len,  # inputs
     BR, qk_scale, scale,  # scalars
     dk_direct, dv_direct, part_k, part_v,  # outputs
     H: tl.constexpr, HQ: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     GB: tl.constexpr, NG: tl.constexpr, P: tl.constexpr, M: tl.constexpr,
     BS: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    SUFFIX: tl.constexpr,
 ):
     """dk, dv of BC keys of one block from one segment of the tokens that selected it.
 
@@ -464,8 +474,12 @@ def selection_bwd_dkv_kernel(
     b_dv = tl.zeros([BC, BV], tl.float32)
     for i in range(lo, hi, P):
         m_t = m_p & (i + r_tok < hi)
-        # [M] global token of each row
+        # [M] global query of each row, and the global key of its position
         t_r = tl.load(toks + i + r_tok, mask=m_t, other=0)
+        if SUFFIX:
+            k_r = tl.load(qkey + t_r, mask=m_t, other=0)
+        else:
+            k_r = t_r
         row0 = t_r.to(tl.int64) * HQ + i_h * G
         for i_g in range(NG):
             r_g = i_g * GB + r_gl
@@ -479,7 +493,7 @@ def selection_bwd_dkv_kernel(
             b_delta = tl.load(delta + o_row, mask=m_r, other=0.0).to(tl.float32)
             # keys on the M side: [BC, M]
             b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * qk_scale
-            m_st = m_j[:, None] & (o_j[:, None] <= t_r[None, :]) & m_r[None, :]
+            m_st = m_j[:, None] & (o_j[:, None] <= k_r[None, :]) & m_r[None, :]
             b_pt = tl.where(m_st, tl.exp2(b_st - b_lse[None, :]), 0.0)
             b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)
             b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
@@ -557,21 +571,23 @@ def _tiles_with_bad_keys(union, counts, block_size: int) -> jax.Array:
         h = jnp.arange(union.shape[0], dtype=jnp.int32)[:, None, None]
         return jnp.any(valid & (counts[g1, h] > counts[g0, h]), axis=2).astype(jnp.int32)
 
-    none = lambda: jnp.zeros(union.shape[:2], jnp.int32)  # noqa: E731
+    # (typed like `find`'s result inside shard_map, as lax.cond requires)
+    none = lambda: match_vma(jnp.zeros(union.shape[:2], jnp.int32), union, counts)  # noqa: E731
     return jax.lax.cond(jnp.any(counts[-1] > 0), find, none)
 
 
-def _forward(query, key, value, bad, has, tiles, plan: TilePlan, block_size: int, scale: float,
+def _forward(query, key, value, bad, has, qkey, tiles, plan: TilePlan, block_size: int, scale: float,
              cfg: SelectionFwdConfig):
-    """(o, lse natural log) over the tile unions `tiles`; bad = `bad_keys` [B, T, H]; has
-    int8 [B, T, H]: the token has a valid entry."""
+    """(o, lse natural log) over the tile unions `tiles`; bad = `bad_keys` [B, TK, H]; has
+    int8 [B, TQ, H]: the query has a valid entry; qkey: None (TQ == TK) or `_query_keys`."""
     union, count, mult = tiles
     batch, seq_len, hq, heads, group, dk, dv = _dims(query, key, value)
     ntt = cdiv(seq_len, plan.bt)
     bv = min(cfg.block_v, head_tile(dv))
     counts = bad_counts(bad)
     return triton_call(
-        query, key, value, counts, _tiles_with_bad_keys(union, counts, block_size), has, union, count, mult,
+        query, key, value, counts, _tiles_with_bad_keys(union, counts, block_size), has,
+        has if qkey is None else qkey, union, count, mult,  # (has: a placeholder pointer, never read)
         seq_len, ntt, log2_scale(scale),
         kernel=selection_fwd_kernel,
         out_shape=(jax.ShapeDtypeStruct(query.shape[:3] + (dv,), query.dtype),
@@ -580,18 +596,18 @@ def _forward(query, key, value, bad, has, tiles, plan: TilePlan, block_size: int
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, name="ejnsa_selection_fwd",
         H=heads, HQ=hq, G=group, K=dk, V=dv, GB=plan.gb, NG=plan.ng, BT=plan.bt, M=plan.rows, W=union.shape[2],
         BS=block_size, BC=min(cfg.block_keys, block_size), BK=head_tile(dk), BV=bv,
-        PREC=dot_precision(query.dtype),
+        PREC=dot_precision(query.dtype), SUFFIX=qkey is not None,
     )
 
 
-def _backward_dq(query, key, value, o, do, lse, tiles, plan: TilePlan, block_size: int, scale: float,
+def _backward_dq(query, key, value, o, do, lse, qkey, tiles, plan: TilePlan, block_size: int, scale: float,
                  cfg: SelectionDqConfig):
     """(dq, delta = rowsum(o * do) in float32)."""
     union, count, mult = tiles
     batch, seq_len, hq, heads, group, dk, dv = _dims(query, key, value)
     ntt = cdiv(seq_len, plan.bt)
     return triton_call(
-        query, key, value, o, do, lse, union, count, mult,
+        query, key, value, o, do, lse, lse if qkey is None else qkey, union, count, mult,
         seq_len, ntt, log2_scale(scale), np.float32(scale),
         kernel=selection_bwd_dq_kernel,
         out_shape=(jax.ShapeDtypeStruct(query.shape, query.dtype),
@@ -600,11 +616,11 @@ def _backward_dq(query, key, value, o, do, lse, tiles, plan: TilePlan, block_siz
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, name="ejnsa_selection_bwd_dq",
         H=heads, HQ=hq, G=group, K=dk, V=dv, GB=plan.gb, NG=plan.ng, BT=plan.bt, M=plan.rows, W=union.shape[2],
         BS=block_size, BC=min(cfg.block_keys, block_size), BK=head_tile(dk), BV=head_tile(dv),
-        PREC=dot_precision(query.dtype),
+        PREC=dot_precision(query.dtype), SUFFIX=qkey is not None,
     )
 
 
-def _backward_dkv(query, key, value, lse, delta, do, lists, rows, block_size: int, scale: float, seg: int,
+def _backward_dkv(query, key, value, lse, delta, do, qkey, lists, rows, block_size: int, scale: float, seg: int,
                   cfg: SelectionDkvConfig, red: SelectionReduceConfig):
     """dk, dv: the segment programs over the token lists, then the reduce kernel, which
     writes every row once (summing its partials in order, or copying it)."""
@@ -616,7 +632,7 @@ def _backward_dkv(query, key, value, lse, delta, do, lists, rows, block_size: in
     bc = min(cfg.block_keys, block_size)
     nparts = cdiv(2 * toks.shape[0], seg) + 1
     dk_direct, dv_direct, part_k, part_v = triton_call(
-        query, key, value, do, lse, delta, toks, desc, row_start, row_len,
+        query, key, value, do, lse, delta, toks, toks if qkey is None else qkey, desc, row_start, row_len,
         br, log2_scale(scale), np.float32(scale),
         kernel=selection_bwd_dkv_kernel,
         out_shape=(jax.ShapeDtypeStruct(key.shape, key.dtype), jax.ShapeDtypeStruct(value.shape, value.dtype),
@@ -626,7 +642,7 @@ def _backward_dkv(query, key, value, lse, delta, do, lists, rows, block_size: in
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, name="ejnsa_selection_bwd_dkv",
         H=heads, HQ=hq, G=group, K=dk, V=dv, GB=plan.gb, NG=plan.ng, P=plan.bt, M=plan.rows,
         BS=block_size, BC=bc, BK=head_tile(dk), BV=head_tile(dv),
-        PREC=dot_precision(query.dtype),
+        PREC=dot_precision(query.dtype), SUFFIX=qkey is not None,
     )
     rbc = min(red.block_keys, block_size)
     return triton_call(
@@ -651,16 +667,27 @@ def dkv_segment(query, key, value, block_indices, block_size: int, cfg: Selectio
                          cfg.partial_bytes)
 
 
+def _query_keys(cu_seqlens, batch: int, num_queries: int, num_keys: int, block_size: int):
+    """None when every query is its own key (TQ == TK, one cu_seqlens); else int32
+    [B * TQ]: the global key (b * TK + j) of each global query's position (b * TQ + t)."""
+    if cu_seqlens is None and num_queries == num_keys or cu_seqlens is not None and not isinstance(cu_seqlens, tuple):
+        return None
+    key = token_info(cu_seqlens, num_queries, block_size, num_keys).key
+    return (jnp.arange(batch, dtype=jnp.int32)[:, None] * num_keys + key[None, :]).reshape(-1)
+
+
 def _selected_forward(query, key, value, bad, block_indices, block_counts, cu_seqlens, block_size, scale, cfg):
     group = query.shape[2] // key.shape[2]
     plan = TilePlan.make(group, cfg.fwd.rows)
 
     def launch(q, k, v, bad, bi, bc, cu):
-        starts = block_starts(bi, bc, block_size, cu)
+        starts = block_starts(bi, bc, block_size, cu, k.shape[1])
         has = jnp.any(starts != SENT, axis=-1).astype(jnp.int8)
-        return _forward(q, k, v, bad, has, tile_union(starts, plan.bt), plan, block_size, scale, cfg.fwd)
+        return _forward(q, k, v, bad, has, _query_keys(cu, q.shape[0], q.shape[1], k.shape[1], block_size),
+                        tile_union(starts, plan.bt), plan, block_size, scale, cfg.fwd)
 
-    return vmappable(launch, "bbbbbbv", "bb")(query, key, value, bad, block_indices, block_counts, cu_seqlens)
+    layouts = ("b.q.", "b.h.", "b.h.", "b.h", "b.h.", "b.h", None)
+    return launcher(launch, layouts, ("b.q.", "b.q"))(query, key, value, bad, block_indices, block_counts, cu_seqlens)
 
 
 def _selected_backward(query, key, value, block_indices, block_counts, cu_seqlens, o, lse, do, block_size, scale,
@@ -669,21 +696,23 @@ def _selected_backward(query, key, value, block_indices, block_counts, cu_seqlen
     plan = TilePlan.make(group, cfg.fwd.rows)
 
     def launch(q, k, v, bi, bc, cu, o, lse, do):
-        batch, seq_len = q.shape[:2]
+        batch, num_keys = q.shape[0], k.shape[1]
+        qkey = _query_keys(cu, batch, q.shape[1], num_keys, block_size)
         # dq on the forward's tiles (XLA shares their metadata between forward and backward)
         with jax.named_scope("ejnsa_selection_dq"):
-            tiles = tile_union(block_starts(bi, bc, block_size, cu), plan.bt)
-            dq, delta = _backward_dq(q, k, v, o, do, lse, tiles, plan, block_size, scale, cfg.dq)
+            tiles = tile_union(block_starts(bi, bc, block_size, cu, num_keys), plan.bt)
+            dq, delta = _backward_dq(q, k, v, o, do, lse, qkey, tiles, plan, block_size, scale, cfg.dq)
         with jax.named_scope("ejnsa_selection_dkv"):
             seg = dkv_segment(q, k, v, bi, block_size, cfg.dkv)
-            rows = block_rows(batch, seq_len, block_size, cu)
-            lists = token_lists(bi, bc, block_size, cu, rows[0], seg)
-            dk, dv = _backward_dkv(q, k, v, lse, delta, do, lists, rows, block_size, scale, seg, cfg.dkv,
+            rows = block_rows(batch, num_keys, block_size, key_cu(cu))
+            lists = token_lists(bi, bc, block_size, cu, rows[0], seg, num_keys)
+            dk, dv = _backward_dkv(q, k, v, lse, delta, do, qkey, lists, rows, block_size, scale, seg, cfg.dkv,
                                    cfg.reduce)
         return dq, dk, dv
 
-    return vmappable(launch, "bbbbbvbbb", "bbb")(query, key, value, block_indices, block_counts, cu_seqlens, o, lse,
-                                                 do.astype(query.dtype))
+    layouts = ("b.q.", "b.h.", "b.h.", "b.h.", "b.h", None, "b.q.", "b.q", "b.q.")
+    return launcher(launch, layouts, ("b.q.", "b.h.", "b.h."))(query, key, value, block_indices, block_counts,
+                                                               cu_seqlens, o, lse, do.astype(query.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
@@ -712,10 +741,10 @@ def selected_attention(query, key, value, block_indices, block_counts, block_siz
                        cu_seqlens=None, config: SelectionConfig | None = None, return_lse: bool = False):
     """Selected attention with an explicit configuration (tests, tuning).
 
-    query [B, T, HQ, Dk], key [B, T, H, Dk], value [B, T, H, Dv], block_indices [B, T, H, S]
-    int, block_counts None (all S) or int [B, T, H] in [0, S], cu_seqlens None or int32 [N+1].
-    Returns o_slc [B, T, HQ, Dv] in query's dtype (and lse [B, T, HQ] float32, not
-    differentiable, with return_lse).
+    query [B, TQ, HQ, Dk], key [B, TK, H, Dk], value [B, TK, H, Dv] (TQ <= TK), block_indices
+    [B, TQ, H, S] int, block_counts None (all S) or int [B, TQ, H] in [0, S], cu_seqlens None,
+    int32 [N+1] or a pair (cu_q, cu_k). Returns o_slc [B, TQ, HQ, Dv] in query's dtype (and
+    lse [B, TQ, HQ] float32, not differentiable, with return_lse).
     """
     if config is None:
         config = SelectionConfig.default(query.shape[3], value.shape[3], query.shape[2] // key.shape[2], block_size,
@@ -724,7 +753,7 @@ def selected_attention(query, key, value, block_indices, block_counts, block_siz
     if block_counts is not None:
         block_counts = block_counts.astype(jnp.int32)
     if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.astype(jnp.int32)
+        cu_seqlens = jax.tree.map(lambda cu: cu.astype(jnp.int32), cu_seqlens)
     # The kernels compute with the finite parts of key and value; the forward marks the
     # rows that attend a non-finite one NaN (docs/semantics.md, "Bad values").
     args = (query, finite_part(key), finite_part(value), bad_keys(key, value), block_indices, block_counts, cu_seqlens,

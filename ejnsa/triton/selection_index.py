@@ -22,22 +22,23 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .._varlen import TokenInfo, cdiv, segment_tiles, token_info, token_segments
+from .._varlen import TokenInfo, cdiv, key_cu, segment_tiles, token_info, token_segments
 
 # Start of a block that is not one (invalid entries, union padding). Larger than every real
 # start (< B * T), so it sorts last.
 SENT = np.iinfo(np.int32).max
 
 
-def _valid_entries(block_indices, block_counts, block_size: int, cu_seqlens) -> tuple[jax.Array, jax.Array, TokenInfo]:
-    """(valid [B, T, H, S], the block index with invalid entries set to 0, token info).
+def _valid_entries(block_indices, block_counts, block_size: int, cu_seqlens,
+                   num_keys: int) -> tuple[jax.Array, jax.Array, TokenInfo]:
+    """(valid [B, TQ, H, S], the block index with invalid entries set to 0, query info).
 
     An entry is valid when 0 <= b <= pos_t // l (compared on the index itself, so that
     b * l is never formed for a huge b), it lies within the token's count, and the token
     belongs to a sequence.
     """
     num_sel = block_indices.shape[-1]
-    info = token_info(cu_seqlens, block_indices.shape[1], block_size)
+    info = token_info(cu_seqlens, block_indices.shape[1], block_size, num_keys)
     idx = block_indices.astype(jnp.int32)
     cur = (info.pos // block_size)[None, :, None, None]
     valid = (idx >= 0) & (idx <= cur) & info.inside[None, :, None, None]
@@ -46,11 +47,11 @@ def _valid_entries(block_indices, block_counts, block_size: int, cu_seqlens) -> 
     return valid, jnp.where(valid, idx, 0), info
 
 
-def block_starts(block_indices, block_counts, block_size: int, cu_seqlens) -> jax.Array:
-    """Global start token of every valid entry, SENT elsewhere: int32 [B, T, H, S]."""
-    batch, seq_len = block_indices.shape[:2]
-    valid, idx, info = _valid_entries(block_indices, block_counts, block_size, cu_seqlens)
-    base = jnp.arange(batch, dtype=jnp.int32)[:, None] * seq_len + info.bos[None, :]  # [B, T]
+def block_starts(block_indices, block_counts, block_size: int, cu_seqlens, num_keys: int) -> jax.Array:
+    """Global start key (b * TK + j) of every valid entry, SENT elsewhere: int32 [B, TQ, H, S]."""
+    batch = block_indices.shape[0]
+    valid, idx, info = _valid_entries(block_indices, block_counts, block_size, cu_seqlens, num_keys)
+    base = jnp.arange(batch, dtype=jnp.int32)[:, None] * num_keys + info.bos[None, :]  # [B, TQ]
     return jnp.where(valid, base[:, :, None, None] + idx * block_size, SENT)
 
 
@@ -91,7 +92,8 @@ def tile_union(starts, bt: int):
 
 
 def block_rows(batch: int, seq_len: int, block_size: int, cu_seqlens):
-    """Blocks of keys: row_start (global token, -1 for padding rows), row_len; int32 [B * R].
+    """Blocks of keys: row_start (global key, -1 for padding rows), row_len; int32 [B * R];
+    seq_len = TK, cu_seqlens the keys' (of a pair, cu_k).
 
     Rows are numbered like the packed compressed rows (b * R + boc + block); every key token
     belongs to exactly one row, so writing every row writes every dk/dv token once. With
@@ -104,7 +106,7 @@ def block_rows(batch: int, seq_len: int, block_size: int, cu_seqlens):
         start = (jnp.arange(batch, dtype=jnp.int32)[:, None] * seq_len + blk * block_size).reshape(-1)
         length = jnp.tile(jnp.minimum(block_size, seq_len - blk * block_size), batch)
         return start, length.astype(jnp.int32)
-    bounds, _ = token_segments(cu_seqlens, seq_len)
+    bounds, _ = token_segments(key_cu(cu_seqlens), seq_len)
     first, count, _, nr = segment_tiles(bounds, seq_len, block_size)
     # Tiles come in token order: the span before the first sequence, the sequences' blocks
     # (boc + block of each), the span after them, padding. Rotating the span before to the
@@ -158,7 +160,7 @@ def segments(lo, n, seg: int, nseg_total: int, perm):
     return desc, part_off.astype(jnp.int32), part_num.astype(jnp.int32)
 
 
-def token_lists(block_indices, block_counts, block_size: int, cu_seqlens, row_start, seg: int):
+def token_lists(block_indices, block_counts, block_size: int, cu_seqlens, row_start, seg: int, num_keys: int):
     """For dk/dv: the tokens that selected each block, cut into segments.
 
     Every valid entry gets the list of its block, h * BR + row (rows as in `block_rows`);
@@ -167,7 +169,7 @@ def token_lists(block_indices, block_counts, block_size: int, cu_seqlens, row_st
     entries are laid out token-major per head. Lists come longest first (load balance).
 
     Returns
-      toks [E] int32, E = H * B * T * S: the global token (b * T + t) of every entry,
+      toks [E] int32, E = H * B * TQ * S: the global query (b * TQ + t) of every entry,
         grouped by list, invalid entries last;
       desc [NSEG, 4] int32 (list or -1, lo, hi, partial slot or -1): entries [lo, hi) of
         toks, NSEG = H * BR + cdiv(E, seg); part_off, part_num [H * BR] (see `segments`).
@@ -176,10 +178,10 @@ def token_lists(block_indices, block_counts, block_size: int, cu_seqlens, row_st
     br = row_start.shape[0]
     nr = br // batch
     nlists = heads * br
-    valid, bidx, info = _valid_entries(block_indices, block_counts, block_size, cu_seqlens)
+    valid, bidx, info = _valid_entries(block_indices, block_counts, block_size, cu_seqlens, num_keys)
     b = jnp.arange(batch, dtype=jnp.int32)[:, None, None, None]
     row = b * nr + info.boc[None, :, None, None] + bidx
-    start = b * seq_len + info.bos[None, :, None, None] + bidx * block_size
+    start = b * num_keys + info.bos[None, :, None, None] + bidx * block_size
     # The row must exist and start at the entry's block (always, unless cu_seqlens is
     # malformed; then the entry is ignored, as an entry matching no row always was).
     valid &= (row < br) & (row_start[jnp.minimum(row, br - 1)] == start)

@@ -66,10 +66,10 @@ import triton
 import triton.language as tl
 
 from .._registry import Backend, Platform, Unsupported, kernel_registry
-from .._varlen import cdiv, segment_tiles, sequence_info, token_segments
+from .._varlen import cdiv, query_cu, sanitize_cu_seqlens, segment_tiles, sequence_info, token_info
 from ._call import triton_call
 from ._common import LOG2E, dot_precision, head_tile, log2_scale
-from ._vmap import vmappable
+from ._shard import launcher
 
 # Largest running list (next_power_of_2(S)) the kernel keeps in registers.
 MAX_SLOTS = 128
@@ -471,23 +471,33 @@ def _log2(n: int) -> int:
     return n.bit_length() - 1
 
 
-def _tile_table(cu_seqlens, seq_len: int, block_size: int, block_t: int):
-    """int32 [NT, 5] (first token, its position, tokens in the tile, first compressed row,
-    1 when the tokens belong to a sequence), and NT.
+def _tile_table(cu_seqlens, num_queries: int, num_keys: int, block_size: int, block_t: int):
+    """int32 [NT, 5] (first query, its key position, queries in the tile, first compressed
+    row, 1 when the queries belong to a sequence), and NT.
 
-    Tiles never straddle sequences (a tile shares one run of compressed keys); the tokens
-    before the first and after the last sequence get tiles too, which write -1 only. The
-    count depends on values; `segment_tiles` bounds it statically, and the tiles past the
-    true count have 0 tokens (they write nothing).
+    Tiles never straddle sequences (a tile shares one run of compressed keys, and its
+    queries' positions are consecutive); the queries before the first and after the last
+    sequence, and those a malformed (cu_q, cu_k) gives more queries than its keys, get tiles
+    too, which write -1 only. The count depends on values; `segment_tiles` bounds it
+    statically, and the tiles past the true count have 0 queries (they write nothing).
     """
-    bounds, live = token_segments(cu_seqlens, seq_len)
-    first, count, sid, num_tiles = segment_tiles(bounds, seq_len, block_t)
-    seqs = sequence_info(cu_seqlens, seq_len, block_size)
-    n = seqs.bos.shape[0]
-    seq = jnp.clip(sid - 1, 0, n - 1)  # segment 0 is the span before the first sequence
+    if cu_seqlens is None:  # queries the last num_queries of the keys
+        bounds, live = jnp.array([0, num_queries], jnp.int32), jnp.ones((1,), bool)
+    else:
+        cu_q = sanitize_cu_seqlens(query_cu(cu_seqlens), num_queries)
+        len_k = sequence_info(cu_seqlens, num_keys, block_size).seq_len
+        # Each sequence: its queries without keys (malformed pairs only), then the others.
+        valid_from = cu_q[:-1] + jnp.maximum(cu_q[1:] - cu_q[:-1] - len_k, 0)
+        inner = jnp.stack([cu_q[:-1], valid_from], axis=1).reshape(-1)
+        bounds = jnp.concatenate([jnp.zeros((1,), jnp.int32), inner, cu_q[-1:], jnp.full((1,), num_queries, jnp.int32)])
+        live = jnp.concatenate([jnp.zeros((1,), bool), jnp.tile(jnp.array([False, True]), cu_q.shape[0] - 1),
+                                jnp.zeros((1,), bool)])
+    first, count, sid, num_tiles = segment_tiles(bounds, num_queries, block_t)
+    info = token_info(cu_seqlens, num_queries, block_size, num_keys)
+    at = jnp.minimum(first, num_queries - 1)
     is_seq = live[sid]
-    pos0 = jnp.where(is_seq, first - seqs.bos[seq], 0)
-    table = jnp.stack([first, pos0, count, jnp.where(is_seq, seqs.boc[seq], 0), is_seq.astype(jnp.int32)], axis=1)
+    table = jnp.stack([first, jnp.where(is_seq, info.pos[at], 0), count, jnp.where(is_seq, info.boc[at], 0),
+                       is_seq.astype(jnp.int32)], axis=1)
     return table.astype(jnp.int32), num_tiles
 
 
@@ -522,22 +532,28 @@ def kernel_constexprs(config: TopkConfig, h: int, hq: int, dk: int, num_selected
     )
 
 
-def nsa_topk_fwd(query, k_cmp, lse, num_selected, block_size, softmax_scale, cu_seqlens, config=None):
-    """int32 [B, T, H, S] block indices via the kernel (SP <= MAX_SLOTS)."""
+def nsa_topk_fwd(query, k_cmp, lse, num_selected, block_size, softmax_scale, cu_seqlens, config=None,
+                 num_keys: int | None = None):
+    """int32 [B, TQ, H, S] block indices via the kernel (SP <= MAX_SLOTS); num_keys: TK
+    (None: TK = TQ)."""
     _, seq_len, hq, dk = query.shape
     tc, h = k_cmp.shape[1], k_cmp.shape[2]
+    num_keys = seq_len if num_keys is None else num_keys
     if config is None:
         config = TopkConfig.default(dk, hq // h, num_selected, query.dtype)
     use_lse = lse is not None
-    kernel, cx = kernel_constexprs(config, h, hq, dk, num_selected, block_size, use_lse, cu_seqlens is not None,
-                                   query.dtype)
+    # Tiles from a table when they follow packed sequences or the queries' key positions
+    # differ from their indices (a suffix of the keys).
+    use_tiles = cu_seqlens is not None or num_keys != seq_len
 
-    def launch(query, k_cmp, lse, cu_seqlens):
-        if cu_seqlens is None:
+    def launch(query, k_cmp, lse, cu_seqlens):  # shapes here are a device's shard (ejnsa.triton._shard)
+        h, hq = k_cmp.shape[2], query.shape[2]
+        kernel, cx = kernel_constexprs(config, h, hq, dk, num_selected, block_size, use_lse, use_tiles, query.dtype)
+        if not use_tiles:
             tiles = jnp.zeros((1, 5), jnp.int32)  # never read
             num_tiles = cdiv(seq_len, config.block_t)
         else:
-            tiles, num_tiles = _tile_table(cu_seqlens, seq_len, block_size, config.block_t)
+            tiles, num_tiles = _tile_table(cu_seqlens, seq_len, num_keys, block_size, config.block_t)
         batch = query.shape[0]
         return triton_call(
             query, k_cmp,
@@ -551,14 +567,15 @@ def nsa_topk_fwd(query, k_cmp, lse, num_selected, block_size, softmax_scale, cu_
             **cx,
         )
 
-    return vmappable(launch, "bbbv", "b")(query, k_cmp, lse, cu_seqlens)
+    return launcher(launch, ("b.q.", "b.h.", "b.q", None), "b.h.")(query, k_cmp, lse, cu_seqlens)
 
 
 @kernel_registry.register("nsa_topk", Platform.TRITON, Backend.GPU)
-def nsa_topk(query, k_cmp, lse, num_selected, block_size, softmax_scale, cu_seqlens):
-    """int32 [B, T, H, S] block indices (local to each sequence), -1 padded; no gradient.
+def nsa_topk(query, k_cmp, lse, num_selected, block_size, softmax_scale, cu_seqlens, num_keys=None):
+    """int32 [B, TQ, H, S] block indices (local to each sequence), -1 padded; no gradient;
+    num_keys = TK (None: TQ).
 
-    `lse` [B, T, HQ] float32 from the compression forward, or None to compute it in the
+    `lse` [B, TQ, HQ] float32 from the compression forward, or None to compute it in the
     kernel. Raises Unsupported when next_power_of_2(S) > MAX_SLOTS (array block_counts
     on long sequences): the resolver then runs the XLA implementation, same result.
     """
@@ -568,4 +585,5 @@ def nsa_topk(query, k_cmp, lse, num_selected, block_size, softmax_scale, cu_seql
     query, k_cmp = jax.lax.stop_gradient(query), jax.lax.stop_gradient(k_cmp)
     if lse is not None:
         lse = jax.lax.stop_gradient(lse).astype(jnp.float32)
-    return nsa_topk_fwd(query, k_cmp, lse, num_selected, block_size, float(softmax_scale), cu_seqlens)
+    return nsa_topk_fwd(query, k_cmp, lse, num_selected, block_size, float(softmax_scale), cu_seqlens,
+                        num_keys=num_keys)

@@ -40,11 +40,11 @@ def compression_scores(qg, k_cmp, softmax_scale):
 
 
 @kernel_registry.register("nsa_compression", Platform.XLA, Backend.ANY)
-@functools.partial(jax.jit, static_argnums=(3, 4))
-def nsa_compression(query, k_cmp, v_cmp, block_size, softmax_scale, cu_seqlens):
-    """(o_cmp [B, T, HQ, Dv] in query's dtype, lse_cmp [B, T, HQ] float32)."""
+@functools.partial(jax.jit, static_argnums=(3, 4, 6))
+def nsa_compression(query, k_cmp, v_cmp, block_size, softmax_scale, cu_seqlens, num_keys=None):
+    """(o_cmp [B, TQ, HQ, Dv] in query's dtype, lse_cmp [B, TQ, HQ] float32); num_keys = TK (None: TQ)."""
     batch, seq_len, hq, _ = query.shape
-    info = token_info(cu_seqlens, seq_len, block_size)
+    info = token_info(cu_seqlens, seq_len, block_size, num_keys)
     # float32 before the chunk loop, so that k_cmp/v_cmp cotangents accumulate in float32;
     # their finite parts, with the rows that hold a NaN or Inf marked (docs/semantics.md).
     k32, k_bad = finite_part(k_cmp.astype(jnp.float32))

@@ -32,14 +32,14 @@ def gather_tokens(x: jax.Array, idx: jax.Array) -> jax.Array:
 @kernel_registry.register("apply_native_sparse_attention", Platform.XLA, Backend.ANY)
 @functools.partial(jax.jit, static_argnums=(5, 6))
 def apply_native_sparse_attention(query, key, value, block_indices, block_counts, block_size, softmax_scale, cu_seqlens):
-    """o_slc [B, T, HQ, Dv] in query's dtype.
+    """o_slc [B, TQ, HQ, Dv] in query's dtype (key [B, TK, H, Dk]).
 
     `block_counts` is None (use all S entries) or int [B, T, H].
     """
     batch, seq_len, hq, _ = query.shape
-    h = key.shape[2]
+    num_keys, h = key.shape[1], key.shape[2]
     num_sel = block_indices.shape[-1]
-    info = token_info(cu_seqlens, seq_len, block_size)
+    info = token_info(cu_seqlens, seq_len, block_size, num_keys)
     if block_counts is None:
         block_counts = jnp.full(block_indices.shape[:3], num_sel, jnp.int32)
     offs = jnp.arange(block_size, dtype=jnp.int32)
@@ -56,7 +56,7 @@ def apply_native_sparse_attention(query, key, value, block_indices, block_counts
         use = (idx >= 0) & (idx <= cur) & (slot < cnt[..., None]) & inside[None, :, None, None]  # [B, C, H, S]
         kpos = jnp.where(use, idx, 0)[..., None] * block_size + offs  # position in the sequence [B, C, H, S, l]
         ok = use[..., None] & (kpos <= pos[None, :, None, None, None])
-        tok = jnp.clip(bos[None, :, None, None, None] + kpos, 0, seq_len - 1).reshape(batch, c, h, -1)
+        tok = jnp.clip(bos[None, :, None, None, None] + kpos, 0, num_keys - 1).reshape(batch, c, h, -1)
         ok = ok.reshape(batch, c, h, -1)
         # Keys are gathered per token, so a masked slot can be zeroed outright: it then
         # carries neither a NaN forward nor a gradient back (docs/semantics.md, "Bad values").

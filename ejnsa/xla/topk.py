@@ -2,8 +2,10 @@
 
 score[t, h, c] is the mean over the G query heads of KV head h of the compressed
 softmax probability of block c; forced blocks {0, t//l, t//l - 1} score 1.0, which no
-probability mean exceeds. `lax.top_k` breaks ties toward the smaller index, which is
-exactly the rule of the spec.
+probability mean exceeds. The k best come from a stable sort (ties toward the smaller
+index, exactly the rule of the spec) rather than `lax.top_k`: XLA's partitioner gathers a
+sharded `top_k` onto every device, while a sort along the block axis keeps the batch and
+head shardings.
 """
 
 from __future__ import annotations
@@ -43,16 +45,26 @@ def block_scores(s, vis, lse, pos, boc, inside, block_size):
     return jnp.where(cand[None, :, None, :], score, -jnp.inf)
 
 
-@kernel_registry.register("nsa_topk", Platform.XLA, Backend.ANY)
-@functools.partial(jax.jit, static_argnums=(3, 4, 5))
-def nsa_topk(query, k_cmp, lse, num_selected, block_size, softmax_scale, cu_seqlens):
-    """int32 [B, T, H, S] block indices (local to each sequence), -1 padded.
+def _top_k(score, k: int):
+    """(values, indices) of the k largest along the last axis, in descending order, ties
+    toward the smaller index: `lax.top_k`'s result, by a stable ascending sort of
+    0 - score (0 - x rather than -x, so that a score of +0.0 sorts as +0.0)."""
+    # (zeros_like: the index array takes score's sharding, which sort requires of its operands)
+    idx = jnp.zeros_like(score, jnp.int32) + jnp.arange(score.shape[-1], dtype=jnp.int32)
+    key, idx = lax.sort((0.0 - score, idx), dimension=score.ndim - 1, is_stable=True, num_keys=1)
+    return -key[..., :k], idx[..., :k]
 
-    `lse` [B, T, HQ] from the compression forward, or None to compute it here.
+
+@kernel_registry.register("nsa_topk", Platform.XLA, Backend.ANY)
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 7))
+def nsa_topk(query, k_cmp, lse, num_selected, block_size, softmax_scale, cu_seqlens, num_keys=None):
+    """int32 [B, TQ, H, S] block indices (local to each sequence), -1 padded; num_keys = TK (None: TQ).
+
+    `lse` [B, TQ, HQ] from the compression forward, or None to compute it here.
     """
     batch, seq_len = query.shape[:2]
     h = k_cmp.shape[2]
-    info = token_info(cu_seqlens, seq_len, block_size)
+    info = token_info(cu_seqlens, seq_len, block_size, num_keys)
     query, k_cmp = lax.stop_gradient(query), lax.stop_gradient(k_cmp)
     rows = k_cmp.shape[1]
 
@@ -63,7 +75,7 @@ def nsa_topk(query, k_cmp, lse, num_selected, block_size, softmax_scale, cu_seql
         score = block_scores(s, vis, lse_c[0] if lse_c else None, pos, boc, inside, block_size)
         if rows < num_selected:  # top_k needs at least k columns
             score = jnp.pad(score, ((0, 0),) * 3 + ((0, num_selected - rows),), constant_values=-jnp.inf)
-        val, idx = lax.top_k(score, num_selected)
+        val, idx = _top_k(score, num_selected)
         idx = jnp.where(val > -jnp.inf, idx - boc[None, :, None, None], -1)
         return idx.astype(jnp.int32)
 
