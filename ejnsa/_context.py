@@ -50,6 +50,16 @@ def axis_size(context_axis) -> int:
         ) from e
 
 
+def global_indices(t_local: int, context_axis, layout: str) -> jax.Array:
+    """int32 [t_local]: the global index along T of each of this shard's tokens."""
+    n, i = axis_size(context_axis), lax.axis_index(context_axis)
+    t = jnp.arange(t_local, dtype=jnp.int32)
+    if layout == "balanced":
+        half = t_local // 2
+        return jnp.where(t < half, i * half + t, (2 * n - 1 - i) * half + t - half).astype(jnp.int32)
+    return (i * t_local + t).astype(jnp.int32)
+
+
 def context_reorder(x: jax.Array, num_shards: int, axis: int = 1) -> jax.Array:
     """A global array [.., T, ..] in the "balanced" layout: T cut into 2 * num_shards chunks,
     and shard i's part (the i-th of num_shards equal parts along `axis`) made of chunks i

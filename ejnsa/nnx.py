@@ -28,21 +28,24 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 import ejnsa
+from ejnsa._context import global_indices
 
 __all__ = ["NativeSparseAttention", "apply_rotary", "positions_from_cu_seqlens"]
 
 _PLATFORMS = (None, "auto", "xla", "triton")
 
 
-def positions_from_cu_seqlens(cu_seqlens: Int[Array, " N1"], seq_len: int) -> Int[Array, " T"]:
+def positions_from_cu_seqlens(cu_seqlens: Int[Array, " N1"], seq_len: int | Int[Array, " T"]) -> Int[Array, " T"]:
     """Position of every packed token within its own sequence.
 
     `cu_seqlens` [N+1] follows the FlashAttention convention (starts at 0, ends at `seq_len`,
-    non-decreasing). Returns int32 [seq_len]. Pure jnp, so it works under `jit` with a traced
-    `cu_seqlens`: token t belongs to the last sequence whose start is <= t (`searchsorted` with
-    side="right" skips empty sequences, whose start equals the next one's).
+    non-decreasing). Returns int32 [seq_len]; `seq_len` may also be the int32 array of the
+    tokens' indices along T (a shard's tokens under context parallelism). Pure jnp, so it
+    works under `jit` with a traced `cu_seqlens`: token t belongs to the last sequence whose
+    start is <= t (`searchsorted` with side="right" skips empty sequences, whose start equals
+    the next one's).
     """
-    t = jnp.arange(seq_len, dtype=jnp.int32)
+    t = jnp.arange(seq_len, dtype=jnp.int32) if isinstance(seq_len, int) else seq_len.astype(jnp.int32)
     cu = cu_seqlens.astype(jnp.int32)
     seq = jnp.searchsorted(cu, t, side="right") - 1
     # Clipping keeps a malformed cu_seqlens (not checkable under jit) from indexing out of range.
@@ -118,12 +121,17 @@ class NativeSparseAttention(nnx.Module):
         normal).
       sharding: mesh axis names (embed_axis, heads_axis) for the projection matrices: q/k/v/g
         kernels [hidden, heads*dim] are annotated (embed_axis, heads_axis), o's kernel
-        [heads*dim, hidden] (heads_axis, embed_axis). The names go to `nnx.with_partitioning`
+        [heads*dim, hidden] (heads_axis, embed_axis); e.g. (None, "tp") for tensor parallel
+        over heads, ("fsdp", "tp") with FSDP too. The names go to `nnx.with_partitioning`
         verbatim, so logical names work too under flax's logical axis rules. The arrays are
         placed on the mesh at creation only when a mesh is active (`with jax.set_mesh(mesh):`)
         and flax's eager sharding is on; otherwise only the annotation is recorded and
         `nnx.get_partition_spec(nnx.state(layer))` gives the PartitionSpecs to shard with.
-        None records no annotation.
+        None (the default, right for any mesh) records no annotation.
+      context_axis: context parallelism: call the layer inside `jax.shard_map` with T split
+        over this mesh axis (x, positions: the shard's block; cu_seqlens: the global array).
+        Rotary positions are then the tokens' global positions. docs/sharding.md.
+      context_layout: "contiguous" or "balanced" (see `ejnsa.native_sparse_attention`).
       rngs: `nnx.Rngs` for parameter initialization.
 
     Call with `x` [B, T, hidden_size] and optionally
@@ -153,7 +161,9 @@ class NativeSparseAttention(nnx.Module):
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         kernel_init: Callable[..., Any] | None = None,
-        sharding: Sequence[str | None] | None = (None, "model"),
+        sharding: Sequence[str | None] | None = None,
+        context_axis: str | None = None,
+        context_layout: str = "contiguous",
         rngs: nnx.Rngs,
     ):
         hidden_size = _check_positive_int("hidden_size", hidden_size)
@@ -196,8 +206,15 @@ class NativeSparseAttention(nnx.Module):
         # ejnsa.Platform members are str, so this accepts them too; ejnsa resolves the rest.
         if platform is not None and not (isinstance(platform, str) and platform.lower() in _PLATFORMS):
             raise ValueError(f"platform must be one of {list(_PLATFORMS)} or an ejnsa.Platform, got {platform!r}")
-        if sharding is not None and len(sharding) != 2:
+        if sharding is not None and (isinstance(sharding, str) or len(sharding) != 2):
             raise ValueError(f"sharding must be (embed_axis, heads_axis) or None, got {sharding!r}")
+        if context_axis is not None:
+            if not isinstance(context_axis, str):
+                raise TypeError(f"context_axis must be a mesh axis name (str) or None, got {context_axis!r}")
+            if not use_selection:
+                raise ValueError("context_axis needs use_selection=True (context parallelism runs the fused NSA)")
+        if context_layout not in ("contiguous", "balanced"):
+            raise ValueError(f"context_layout must be 'contiguous' or 'balanced', got {context_layout!r}")
 
         self.hidden_size = hidden_size
         self.num_heads = num_heads
@@ -213,6 +230,8 @@ class NativeSparseAttention(nnx.Module):
         self.softmax_scale = softmax_scale
         self.platform = platform
         self.dtype = dtype
+        self.context_axis = context_axis
+        self.context_layout = context_layout
         # The gate projection has one output per query head per active branch, in the order
         # (cmp, slc, swa) restricted to the active ones; an ablation carries no dead weights.
         self.branches = tuple(
@@ -271,10 +290,10 @@ class NativeSparseAttention(nnx.Module):
 
         if self.rope_theta is not None:
             if positions is None:
-                if cu_seqlens is not None:
-                    positions = positions_from_cu_seqlens(cu_seqlens, T)
-                else:
-                    positions = jnp.arange(T, dtype=jnp.int32)
+                # Global positions: with context_axis, x is this shard's block of T.
+                t = (jnp.arange(T, dtype=jnp.int32) if self.context_axis is None
+                     else global_indices(T, self.context_axis, self.context_layout))
+                positions = t if cu_seqlens is None else positions_from_cu_seqlens(cu_seqlens, t)
             positions = jnp.asarray(positions)
             if positions.shape == (T,):
                 positions = jnp.broadcast_to(positions, (B, T))
@@ -290,6 +309,7 @@ class NativeSparseAttention(nnx.Module):
                 block_counts=self.block_counts, block_size=self.block_size,
                 window_size=self.window_size, softmax_scale=self.softmax_scale,
                 cu_seqlens=cu_seqlens, platform=self.platform,
+                context_axis=self.context_axis, context_layout=self.context_layout,
             )
         else:
             # ejnsa's fused entry point always runs selection, so the ablations without it are

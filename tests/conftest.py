@@ -9,12 +9,24 @@ run and the tests marked `gpu` (large sizes) are enabled as well.
 import os
 import sys
 
-# Decide before anything imports triton: conftest is imported first by pytest.
-_GPU = "--gpu" in sys.argv
-if not _GPU:
+# Decide before anything imports triton: conftest is imported first by pytest. The choice
+# travels in EJNSA_TEST_GPU to pytest-xdist's workers (their argv lacks --gpu) and to the
+# test modules that must also see it before importing triton.
+_GPU = "--gpu" in sys.argv or os.environ.get("EJNSA_TEST_GPU") == "1"
+if _GPU:
+    os.environ["EJNSA_TEST_GPU"] = "1"
+else:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # The CPU tests compile many small programs: XLA's cheaper CPU code generation cuts
+    # their CPU time by about a third (shapes are tiny, so the slower code costs nothing).
+    fast = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + fast).strip()
 
 import pytest  # noqa: E402
+
+# tests/multidevice needs 8 host devices, fixed when JAX starts: tests/test_multidevice.py
+# runs it in a process of its own, which sets EJNSA_MULTIDEVICE=1.
+collect_ignore = [] if os.environ.get("EJNSA_MULTIDEVICE") == "1" else ["multidevice"]
 
 
 def pytest_addoption(parser):

@@ -20,9 +20,8 @@ run a subset at larger T on the real kernels.
 from __future__ import annotations
 
 import os
-import sys
 
-if "--gpu" not in sys.argv:  # conftest does the same; kernels must see it before triton is imported
+if os.environ.get("EJNSA_TEST_GPU") != "1":  # conftest does the same; kernels must see it before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import jax  # noqa: E402

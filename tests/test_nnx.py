@@ -234,7 +234,7 @@ def test_tiny_training_loop_loss_falls():
 
 
 def test_sharding_annotations():
-    layer = make()
+    layer = make(sharding=(None, "model"))
     specs = nnx.get_partition_spec(nnx.state(layer, nnx.Param))
     assert specs["q_proj"]["kernel"].get_value() == jax.sharding.PartitionSpec(None, "model")
     assert specs["o_proj"]["kernel"].get_value() == jax.sharding.PartitionSpec("model", None)
@@ -247,12 +247,14 @@ def test_sharding_annotations():
     want = run(layer, x)  # outside the mesh: the same compilation as the other tests'
     mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Explicit,))
     with jax.set_mesh(mesh):
-        placed = make()
+        placed = make(sharding=(None, "model"))
         assert placed.q_proj.kernel[...].sharding.spec == jax.sharding.PartitionSpec(None, "model")
         assert rel_err(run(placed, x), want) < 1e-6
-    # sharding=None records nothing.
-    plain = make(sharding=None)
+    # sharding=None, the default, records nothing, and builds under a mesh of any axis names.
+    plain = make()
     assert "out_sharding" not in plain.q_proj.kernel.get_metadata()
+    with jax.set_mesh(jax.make_mesh((1, 1), ("dp", "sp"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)):
+        assert rel_err(run(make(), x), want) < 1e-6
 
 
 # --------------------------------------------------------------------------- bad arguments
@@ -273,6 +275,10 @@ def test_sharding_annotations():
         (dict(window_size=0, use_selection=False, use_compression=False), ValueError, "window_size > 0"),
         (dict(platform="cuda"), ValueError, "platform must be one of"),
         (dict(sharding=("model",)), ValueError, "sharding must be"),
+        (dict(sharding="model"), ValueError, "sharding must be"),
+        (dict(context_axis=3), TypeError, "context_axis must be a mesh axis name"),
+        (dict(context_axis="sp", use_selection=False), ValueError, "context_axis needs use_selection=True"),
+        (dict(context_layout="zigzag"), ValueError, "context_layout must be"),
     ],
 )
 def test_bad_constructor_arguments(kw, exc, match):

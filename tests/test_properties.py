@@ -9,7 +9,6 @@ itself. Every example compiles, so the counts are modest.
 from __future__ import annotations
 
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import HealthCheck, given, settings

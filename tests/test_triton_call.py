@@ -10,7 +10,7 @@ jax_triton, and the tests of the interpreter bridge itself are skipped.
 import os
 import sys
 
-if "--gpu" not in sys.argv:  # conftest does the same; --gpu sessions must compile kernels
+if os.environ.get("EJNSA_TEST_GPU") != "1":  # conftest does the same; --gpu sessions must compile kernels
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import subprocess  # noqa: E402

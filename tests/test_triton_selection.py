@@ -11,9 +11,8 @@ with NaN before a launch, so a row a kernel forgot to write fails the check.
 """
 
 import os
-import sys
 
-if "--gpu" not in sys.argv:  # conftest does the same; kernels must see it before triton is imported
+if os.environ.get("EJNSA_TEST_GPU") != "1":  # conftest does the same; kernels must see it before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import dataclasses  # noqa: E402

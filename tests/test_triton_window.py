@@ -26,7 +26,7 @@ try:
     from ._util import TOL_GRAD, TOL_OUT, assert_close, cu_from_lengths, f64, make_qkv, rand, ref_grads, dense_grads
 except ImportError:
     import reference as ref
-    from _util import TOL_GRAD, TOL_OUT, assert_close, cu_from_lengths, f64, make_qkv, rand, ref_grads, dense_grads
+    from _util import TOL_GRAD, TOL_OUT, assert_close, cu_from_lengths, make_qkv, rand, ref_grads, dense_grads
 
 from ejnsa.triton import window as W  # noqa: E402
 from ejnsa.triton._common import head_tile  # noqa: E402

@@ -32,7 +32,7 @@ import string
 import jax
 import jax.numpy as jnp
 from jax._src.core import eval_jaxpr
-from jax.experimental.custom_partitioning import ArrayMapping, CompoundFactor, SdyShardingRule, custom_partitioning
+from jax.experimental.custom_partitioning import ArrayMapping, SdyShardingRule, custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ._call import interpreter_enabled
@@ -139,34 +139,20 @@ def _check_layout(layout: str, ndim: int) -> str:
 # ------------------------------------------------------------------ the rule (Shardy)
 
 
-def _group(layouts, shapes) -> int:
-    """G = HQ / H from the first arrays with a query-head and a KV-head dimension (1 when
-    the call has only one kind)."""
-    hq = next((s[lay.index(QUERY_HEADS)] for lay, s in zip(layouts, shapes) if QUERY_HEADS in lay), None)
-    h = next((s[lay.index(KV_HEADS)] for lay, s in zip(layouts, shapes) if KV_HEADS in lay), None)
-    return 1 if hq is None or h is None else hq // h
-
-
 def _rule(in_layouts, out_layouts, mesh, value_types, result_types):
-    """Factors: "b" shared by every batch dimension, "h" by every head dimension (query
-    heads as the compound (h, g)); every other dimension has a factor of its own that must
-    stay replicated."""
-    shapes = [t.shape for t in value_types] + [t.shape for t in result_types]
-    group = _group(in_layouts + out_layouts, shapes)
+    """Factors: "b" shared by every batch dimension, "q" by the query-head dimensions and
+    "h" by the KV-head ones; every other dimension has a factor of its own that must stay
+    replicated. The two head factors are left unlinked (a compound (h, g) would let Shardy
+    propagate a query-head sharding that H does not divide as sub-axes, which no
+    PartitionSpec expresses): the partition callback makes them agree."""
     names = iter(f"{a}{b}" for a in string.ascii_lowercase for b in string.ascii_lowercase)
     replicated = []  # in the order the factors first appear, as Shardy requires
 
     def mapping(layout):
         dims = []
         for c in layout:
-            if c == BATCH:
-                dims.append("b")
-            elif c == KV_HEADS or (c == QUERY_HEADS and group == 1):
-                dims.append("h")
-            elif c == QUERY_HEADS:
-                dims.append(CompoundFactor("h", "g"))
-                if "g" not in replicated:
-                    replicated.append("g")
+            if c in (BATCH, QUERY_HEADS, KV_HEADS):
+                dims.append(c)
             else:
                 name = "r" + next(names)
                 replicated.append(name)
@@ -175,8 +161,7 @@ def _rule(in_layouts, out_layouts, mesh, value_types, result_types):
 
     operands = tuple(mapping(lay) for lay in in_layouts)
     results = tuple(mapping(lay) for lay in out_layouts)
-    sizes = {"g": group} if group > 1 else {}
-    return SdyShardingRule(operands, results, need_replication_factors=tuple(replicated), **sizes)
+    return SdyShardingRule(operands, results, need_replication_factors=tuple(replicated))
 
 
 # ------------------------------------------------------------- the partition callback

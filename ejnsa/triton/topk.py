@@ -61,7 +61,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import triton
 import triton.language as tl
 
