@@ -10,6 +10,9 @@ from ._api import nsa_topk as nsa_topk
 from ._api import sliding_window_attention as sliding_window_attention
 from ._context import context_reorder as context_reorder
 from ._context import context_restore as context_restore
+from ._decode import NSACache as NSACache
+from ._decode import init_nsa_cache as init_nsa_cache
+from ._decode import nsa_decode as nsa_decode
 from ._registry import Backend as Backend
 from ._registry import Platform as Platform
 from ._registry import kernel_registry as kernel_registry
@@ -35,14 +38,17 @@ except _metadata.PackageNotFoundError:  # running from a source tree
 
 __all__ = [
     "Backend",
+    "NSACache",
     "Platform",
     "Unsupported",
     "apply_native_sparse_attention",
     "context_reorder",
     "context_restore",
+    "init_nsa_cache",
     "kernel_registry",
     "mean_pooling",
     "native_sparse_attention",
+    "nsa_decode",
     "nsa_compression",
     "nsa_topk",
     "sliding_window_attention",

@@ -226,7 +226,9 @@ class KernelRegistry:
                                   if tried else self._none_found(name, p, None))
 
     def _require(self, name: str, platform: Platform) -> None:
-        if not any(s.platform == platform for s in self._specs.get(name, [])):
+        # The platform must be installed (some operation registered for it); an operation
+        # it has no kernel for runs the fallback of the policy (XLA).
+        if not any(s.platform == platform for specs in self._specs.values() for s in specs):
             hint = self._missing.get(platform) or _INSTALL_HINT.get(platform, "")
             raise RuntimeError(f"{name}(platform={platform.value!r}): no {platform.value} implementation is "
                                f"available" + (f"; {hint}" if hint else ""))

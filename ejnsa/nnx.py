@@ -140,6 +140,13 @@ class NativeSparseAttention(nnx.Module):
       cu_seqlens: int [N+1] packed-sequence offsets (FlashAttention convention, requires
         B == 1). Attention never crosses a sequence boundary, and rotary positions restart at
         every sequence start (derived in jnp, so `cu_seqlens` may be traced under jit).
+      decode: True to run against the KV cache made by `init_cache` (flax's
+        `nnx.MultiHeadAttention` convention): x holds T new tokens per row (a prefill chunk,
+        or one token), appended at each row's cache index; rotary positions come from that
+        index. Prefill then single-token steps give the rows of the full forward.
+      num_new: with decode, int [B]: row b takes only its first num_new[b] tokens of x (the
+        rest is padding: output 0, not cached), so prompts of different lengths prefill
+        together. Default: all T.
     """
 
     def __init__(
@@ -272,6 +279,8 @@ class NativeSparseAttention(nnx.Module):
         *,
         positions: Int[Array, "B T"] | Int[Array, " T"] | None = None,
         cu_seqlens: Int[Array, " N1"] | None = None,
+        decode: bool = False,
+        num_new: Int[Array, " B"] | None = None,
     ) -> Float[Array, "B T C"]:
         if x.ndim != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must have shape [B, T, {self.hidden_size}], got {x.shape}")
@@ -280,6 +289,10 @@ class NativeSparseAttention(nnx.Module):
             raise ValueError(
                 f"cu_seqlens needs B == 1 and shape [N+1], got x {x.shape} and cu_seqlens {cu_seqlens.shape}"
             )
+        if decode:
+            self._check_decode(x, cu_seqlens)
+        elif num_new is not None:
+            raise ValueError("num_new is for decode=True (the new tokens of each row in the cache)")
 
         q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
@@ -288,6 +301,8 @@ class NativeSparseAttention(nnx.Module):
         g = jax.nn.sigmoid(self.g_proj(x).astype(jnp.float32)).astype(q.dtype)
         gates = dict(zip(self.branches, jnp.unstack(g.reshape(B, T, self.num_heads, len(self.branches)), axis=-1)))
 
+        if decode and positions is None:  # each row continues at its cache index
+            positions = self.cache_index[...][:, None] + jnp.arange(T, dtype=jnp.int32)
         if self.rope_theta is not None:
             if positions is None:
                 # Global positions: with context_axis, x is this shard's block of T.
@@ -302,7 +317,18 @@ class NativeSparseAttention(nnx.Module):
             q = apply_rotary(q, positions, self.rope_theta)
             k = apply_rotary(k, positions, self.rope_theta)
 
-        if self.use_selection:
+        if decode:
+            cache = ejnsa.NSACache(self.cached_key[...], self.cached_value[...], self.cached_key_cmp[...],
+                                   self.cached_value_cmp[...], self.cache_index[...])
+            o, cache = ejnsa.nsa_decode(
+                cache, q, k, v, g_cmp=gates.get("cmp"), g_slc=gates["slc"], g_swa=gates.get("swa"),
+                block_counts=self.block_counts, block_size=self.block_size, window_size=self.window_size,
+                softmax_scale=self.softmax_scale, num_new=num_new, platform=self.platform,
+            )
+            self.cached_key[...], self.cached_value[...] = cache.key, cache.value
+            self.cached_key_cmp[...], self.cached_value_cmp[...] = cache.key_cmp, cache.value_cmp
+            self.cache_index[...] = cache.lengths
+        elif self.use_selection:
             o = ejnsa.native_sparse_attention(
                 q, k, v,
                 g_cmp=gates.get("cmp"), g_slc=gates["slc"], g_swa=gates.get("swa"),
@@ -344,6 +370,35 @@ class NativeSparseAttention(nnx.Module):
             matmul = lambda a, b: jnp.dot(a.astype(dt), b.astype(dt))  # noqa: E731  (o_proj has no bias)
             return jax.sharding.auto_axes(matmul, out_sharding=jax.typeof(x).sharding.spec)(o, w)
         return self.o_proj(o)
+
+    def init_cache(self, input_shape: tuple[int, int, int], dtype: Any = jnp.float32) -> None:
+        """Makes an empty KV cache for `input_shape` = (batch, max_length, hidden_size), in
+        `dtype` (the keys and values are stored in it: use the layer's computation dtype for
+        results equal to the full forward's). The capacity is max_length rounded up to a
+        multiple of block_size. Calling it again starts a new, empty cache."""
+        if len(input_shape) != 3 or input_shape[-1] != self.hidden_size:
+            raise ValueError(f"input_shape must be (batch, max_length, {self.hidden_size}), got {tuple(input_shape)}")
+        batch, max_length, _ = input_shape
+        cache = ejnsa.init_nsa_cache(batch, max_length, self.num_kv_heads, self.head_dim, self.v_head_dim,
+                                     block_size=self.block_size, dtype=dtype)
+        self.cached_key = nnx.Cache(cache.key)
+        self.cached_value = nnx.Cache(cache.value)
+        self.cached_key_cmp = nnx.Cache(cache.key_cmp)
+        self.cached_value_cmp = nnx.Cache(cache.value_cmp)
+        self.cache_index = nnx.Cache(cache.lengths)  # tokens cached per row
+
+    def _check_decode(self, x, cu_seqlens) -> None:
+        if not hasattr(self, "cache_index"):
+            raise ValueError("decode=True needs a cache: call layer.init_cache((batch, max_length, hidden)) first")
+        if cu_seqlens is not None:
+            raise ValueError("decode=True takes no cu_seqlens: each batch row is one sequence in the cache")
+        if self.context_axis is not None:
+            raise ValueError("decode=True does not run with context_axis (the cache holds whole rows)")
+        if not self.use_selection:
+            raise NotImplementedError("decode=True needs use_selection=True: the decode step runs the full NSA "
+                                      "(the ablations without selection have no cached step)")
+        if x.shape[0] != self.cache_index.shape[0]:
+            raise ValueError(f"x has batch {x.shape[0]} but the cache was made for batch {self.cache_index.shape[0]}")
 
     def num_params(self) -> int:
         """Parameter count: hidden*(HQ*Dk + H*Dk + H*Dv + HQ*n_branches) + HQ*Dv*hidden."""

@@ -84,8 +84,8 @@ class Block(nnx.Module):
         self.norm2 = nnx.RMSNorm(args.hidden, dtype=dtype, rngs=rngs)
         self.mlp = MLP(args.hidden, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x):
-        x = x + self.attn(self.norm1(x))
+    def __call__(self, x, decode=False, num_new=None):
+        x = x + self.attn(self.norm1(x), decode=decode, num_new=num_new)
         return x + self.mlp(self.norm2(x))
 
 
@@ -101,11 +101,18 @@ class LM(nnx.Module):
         self.head = nnx.Linear(args.hidden, VOCAB, use_bias=False, dtype=dtype,
                                kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
 
-    def __call__(self, tokens):
+    def __call__(self, tokens, decode=False, num_new=None):
+        """Logits [B, T, 256]. decode=True: tokens are new tokens per row, run against each
+        layer's KV cache (`init_cache`); num_new [B] marks a row's real ones (the rest pad)."""
         x = self.embed(tokens)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, decode=decode, num_new=num_new)
         return self.head(self.norm(x)).astype(jnp.float32)
+
+    def init_cache(self, batch_size: int, max_length: int):
+        """An empty KV cache in every layer, in the computation dtype."""
+        for block in self.blocks:
+            block.attn.init_cache((batch_size, max_length, block.attn.hidden_size), self.embed.dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -255,6 +262,79 @@ def eval_step(model: LM, seq, masks):
     return {k: ((nll * m).sum(), (correct * m).sum(), m.sum()) for k, m in masks.items()}
 
 
+# ---------------------------------------------------------------------------------------
+# Generation with the KV cache
+
+
+@nnx.jit
+def decode_step(model: LM, tokens, num_new):
+    return model(tokens, decode=True, num_new=num_new)
+
+
+def sample_text(model: LM, task: TextTask, args) -> dict:
+    """Prompts of different lengths from the validation text, prefilled together (num_new),
+    then `args.generate` bytes sampled per prompt, one token per step for all rows."""
+    lengths = np.array([96, 64, 40, 17])[: args.generate_rows]
+    rows = len(lengths)
+    starts = np.linspace(0, len(task.valid) - 200, rows).astype(np.int64)
+    prompts = np.zeros((rows, lengths.max()), np.int32)
+    for b, (s0, n) in enumerate(zip(starts, lengths)):
+        prompts[b, :n] = task.valid[s0 : s0 + n]
+    total = int(lengths.max()) + args.generate
+    model.init_cache(rows, total)
+    key = jax.random.key(args.seed)
+    t0 = time.perf_counter()
+    logits = decode_step(model, jnp.asarray(prompts), jnp.asarray(lengths, jnp.int32))
+    last = logits[jnp.arange(rows), jnp.asarray(lengths - 1)]  # each row's last real token
+    out = []
+    ones = jnp.ones((rows,), jnp.int32)
+    t_prefill = t_steps = None
+    for i in range(args.generate):
+        key, sub = jax.random.split(key)
+        tok = jax.random.categorical(sub, last / args.temperature)
+        out.append(tok)
+        if i == 1:  # the step has compiled: time the rest
+            jax.block_until_ready(tok)
+            t_steps = time.perf_counter()
+        last = decode_step(model, tok[:, None].astype(jnp.int32), ones)[:, -1]
+        if i == 0:
+            jax.block_until_ready(last)
+            t_prefill = time.perf_counter() - t0
+    jax.block_until_ready(last)
+    rate = rows * (args.generate - 2) / (time.perf_counter() - t_steps) if args.generate > 2 else None
+    gen = np.stack([np.asarray(t) for t in out], axis=1)
+    # The cache must give what the full forward gives: logits of the last generated token
+    # of row 0, recomputed without a cache over its whole text.
+    full_seq = np.concatenate([prompts[0, : lengths[0]], gen[0]])[None].astype(np.int32)
+    full_last = model(jnp.asarray(full_seq))[0, -1]
+    diff = float(jnp.max(jnp.abs(full_last - last[0])))
+    samples = [bytes(prompts[b, : lengths[b]].tolist()).decode("utf-8", "replace") + " >>> "
+               + bytes(gen[b].tolist()).decode("utf-8", "replace") for b in range(rows)]
+    return {"rows": rows, "prompt_lengths": lengths.tolist(), "new_tokens": args.generate,
+            "tokens_per_s": round(rate) if rate else None, "prefill_and_first_step_s": round(t_prefill, 2),
+            "max_logit_diff_vs_full_forward": diff, "samples": samples}
+
+
+def generate_recall(model: LM, task: RecallTask, args) -> dict:
+    """Recall accuracy by generation: prefill each sequence up to its first query key, then
+    generate the answer (argmax), feed it and the next query key, and so on; the answers the
+    model sees are its own."""
+    correct = total = 0
+    for seq, _, _ in task.eval_batches(args.batch_size, args.generate):
+        rows, n, p = seq.shape[0], seq.shape[1], task.pairs
+        q = n - 2 * p + 2 * np.arange(p)  # query key positions; their values follow
+        model.init_cache(rows, n)
+        logits = decode_step(model, jnp.asarray(seq[:, : q[0] + 1]), jnp.full((rows,), q[0] + 1, jnp.int32))
+        for j in range(p):
+            answer = np.asarray(jnp.argmax(logits[:, -1], -1))
+            correct += int(np.sum(answer == seq[:, q[j] + 1]))
+            total += rows
+            if j + 1 < p:  # feed the generated answer and the next query's key
+                step = np.stack([answer, seq[:, q[j + 1]]], axis=1).astype(np.int32)
+                logits = decode_step(model, jnp.asarray(step), jnp.full((rows,), 2, jnp.int32))
+    return {"generated_answers": total, "recall_accuracy_generated": round(correct / max(total, 1), 4)}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=["text", "recall"], default="text")
@@ -286,6 +366,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=None, help="default: steps // 20")
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--out", default="runs/train_lm", help="output directory (PNG + summary JSON)")
+    p.add_argument("--generate", type=int, default=None,
+                   help="after training, with the KV cache: text: bytes to sample per prompt (default 120); "
+                        "recall: eval batches whose answers are generated (default 1); 0: none")
+    p.add_argument("--generate-rows", type=int, default=4, choices=[1, 2, 3, 4], help="text prompts sampled together")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of --generate (text)")
     g = p.add_argument_group("text task")
     g.add_argument("--text-bytes", type=int, default=4_000_000, help="bytes of stdlib source to read")
     g = p.add_argument_group("recall task")
@@ -295,8 +380,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--context", type=int, default=0, help="pairs lie in the first CONTEXT tokens; 0 = seq_len // 2")
     args = p.parse_args(argv)
     defaults = {
-        "text": dict(steps=200, seq_len=256, batch_size=8, lr=6e-3, block_counts=4, window=32),
-        "recall": dict(steps=3000, seq_len=512, batch_size=64, lr=2e-3, block_counts=8, window=64),
+        "text": dict(steps=200, seq_len=256, batch_size=8, lr=6e-3, block_counts=4, window=32, generate=120),
+        "recall": dict(steps=3000, seq_len=512, batch_size=64, lr=2e-3, block_counts=8, window=64, generate=1),
     }[args.task]
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -413,6 +498,20 @@ def main(argv=None) -> dict:
         summary["min_distance"] = task.min_distance
     else:
         summary["eval_bits_per_byte"] = round(float(eval_loss) / math.log(2), 4)
+
+    if args.generate and args.ablation in ("none", "no-compression"):  # the cached step runs the full NSA
+        if args.task == "text":
+            gen = sample_text(model, task, args)
+            print(f"sampled {gen['new_tokens']} bytes for {gen['rows']} prompts of {gen['prompt_lengths']} bytes "
+                  f"with the KV cache: {gen['tokens_per_s']:,} tok/s; last logits vs the full forward: max diff "
+                  f"{gen['max_logit_diff_vs_full_forward']:.1e}")
+            for sample in gen["samples"]:
+                print("  " + repr(sample))
+        else:
+            gen = generate_recall(model, task, args)
+            print(f"recall accuracy by generation with the KV cache: {gen['recall_accuracy_generated']:.4f} "
+                  f"over {gen['generated_answers']} answers")
+        summary["generate"] = gen
 
     os.makedirs(args.out, exist_ok=True)
     png = os.path.join(args.out, f"{run_name}_loss.png")

@@ -3,6 +3,6 @@ reference the Triton kernels are checked against. Importing registers them."""
 
 from .._nsa import register_pipeline
 from .._registry import Backend, Platform
-from . import compression, mean_pooling, selection, topk, window  # noqa: F401  (registration)
+from . import compression, decode, mean_pooling, selection, topk, window  # noqa: F401  (registration)
 
 register_pipeline(Platform.XLA, Backend.ANY)

@@ -1,0 +1,140 @@
+"""GPU benchmark of one NSA decode step (`ejnsa.nsa_decode`) against dense decode attention.
+
+bf16, HQ=64, H=4, D=128, l=64, S=16, w=512 (the decode issue's shape). For each batch B
+and context C: a cache of capacity C holding C - 1 tokens per row (random keys and values,
+compressed blocks pooled from them), and one new token per row. Timed, in one process:
+
+- `nsa`: the whole decode step, cache update included (write the new key/value, pool the
+  block it completes, compressed attention, top-k, selected and window attention, gates),
+  jitted with the cache donated, as a generation loop runs it;
+- `dense`: dense decode attention of the same query over the same cache (all C keys of
+  each row): `jax.nn.dot_product_attention` with cuDNN where it serves the shape, else
+  XLA's (the column says which);
+- the bytes floor: the bytes each step must read (NSA: the compressed keys/values of the
+  complete blocks, the S selected blocks and the window, per KV head, once for all G query
+  heads; dense: every cached key and value) over the copy bandwidth measured here.
+
+    python benchmarks/bench_decode.py                        # on the GPU
+    python benchmarks/bench_decode.py --B 8 --contexts 65536
+    python benchmarks/bench_decode.py --smoke                # CPU, tiny: exercises the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from _common import guarded, log, median_ms, run_and_save  # noqa: E402
+
+SHAPE = dict(HQ=64, H=4, D=128, block_size=64, S=16, window=512)
+CASES = [(b, c) for b in (1, 8, 64) for c in (8192, 32768, 65536, 131072)] + [(1, 524288)]
+
+
+def run(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    import ejnsa
+
+    res = {"shape": SHAPE, "env": dict(jax=jax.__version__, device_kind=jax.devices()[0].device_kind), "rows": []}
+    log(res["env"])
+    HQ, H, D = SHAPE["HQ"], SHAPE["H"], SHAPE["D"]
+    l, S, w = SHAPE["block_size"], SHAPE["S"], SHAPE["window"]
+    dt = jnp.bfloat16
+    itemsize = 2
+
+    # Copy bandwidth: read + write of a 4 GiB array (smaller in --smoke).
+    n = (1 << 31) if not args.smoke else (1 << 20)
+    x = jnp.ones((n,), dt)
+    copy = jax.jit(lambda x: x * 2)
+    ms = median_ms(copy, x, reps=20)
+    res["copy_GBps"] = 2 * n * itemsize / (ms * 1e-3) / 1e9
+    log(f"copy bandwidth {res['copy_GBps']:.0f} GB/s")
+    del x
+
+    cases = [(b, c) for b, c in CASES if (args.B is None or b in args.B) and (args.contexts is None or c in args.contexts)]
+    for B, C in cases:
+        row = {"B": B, "context": C}
+        res["rows"].append(row)
+        ks = jax.random.split(jax.random.key(C + B), 8)
+        cache = ejnsa.init_nsa_cache(B, C, H, D, block_size=l, dtype=dt)
+        keys = jax.random.normal(ks[0], cache.key.shape, dt)
+        vals = jax.random.normal(ks[1], cache.value.shape, dt)
+        pooled = jax.jit(lambda k: ejnsa.mean_pooling(k, l))
+        cache = cache._replace(key=keys, value=vals, key_cmp=pooled(keys), value_cmp=pooled(vals),
+                               lengths=jnp.full((B,), C - 1, jnp.int32))
+        q = jax.random.normal(ks[2], (B, 1, HQ, D), dt)
+        k1, v1 = jax.random.normal(ks[3], (B, 1, H, D), dt), jax.random.normal(ks[4], (B, 1, H, D), dt)
+        gates = tuple(jax.nn.sigmoid(jax.random.normal(ks[5 + i], (B, 1, HQ), jnp.float32)).astype(dt) for i in range(3))
+
+        def step(cache, q, k1, v1, g1, g2, g3):
+            return ejnsa.nsa_decode(cache, q, k1, v1, g1, g2, g3, block_counts=S, block_size=l, window_size=w,
+                                    platform=args.platform)
+
+        # The step's timing loop feeds the cache back, as generation does (lengths reset so
+        # that every timed step is the step at context C).
+        jstep = jax.jit(step, donate_argnums=(0,))
+        state = {"cache": cache}
+
+        def one():
+            o, c = jstep(state["cache"], q, k1, v1, *gates)
+            state["cache"] = c._replace(lengths=c.lengths - 1)
+            return o
+
+        guarded(row, "nsa_ms", lambda: median_ms(lambda: one(), reps=args.reps, warmup=3))
+        lens = jnp.full((B,), C, jnp.int32)
+
+        def dense(impl):
+            f = jax.jit(lambda q, k, v, n: jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=n,
+                                                                        implementation=impl))
+            return median_ms(f, q, state["cache"].key, state["cache"].value, lens, reps=args.reps, warmup=3)
+
+        if guarded(row, "dense_ms", lambda: dense("cudnn")) is not None:
+            row["dense_impl"] = "cudnn"
+        else:
+            row.pop("dense_ms_err", None)
+            guarded(row, "dense_ms", lambda: dense("xla"))
+            row["dense_impl"] = "xla"
+
+        per_row = (C // l) * H * 2 * D + S * l * H * 2 * D + w * H * 2 * D  # keys+values, elements
+        row["nsa_floor_ms"] = B * per_row * itemsize / (res["copy_GBps"] * 1e9) * 1e3
+        row["dense_floor_ms"] = B * C * H * 2 * D * itemsize / (res["copy_GBps"] * 1e9) * 1e3
+        if row.get("nsa_ms") and row.get("dense_ms"):
+            row["speedup_vs_dense"] = row["dense_ms"] / row["nsa_ms"]
+            row["nsa_over_floor"] = row["nsa_ms"] / row["nsa_floor_ms"]
+        log(f"  B={B:3d} C={C:7d}: nsa {row.get('nsa_ms')} ms, dense ({row.get('dense_impl')}) {row.get('dense_ms')} ms,"
+            f" x dense {row.get('speedup_vs_dense')}, nsa / floor {row.get('nsa_over_floor')}")
+        del cache, keys, vals, state
+    return res
+
+
+def summarize(res) -> str:
+    lines = [f"copy bandwidth {res.get('copy_GBps', 0):.0f} GB/s",
+             f"{'B':>4s} {'context':>8s} {'nsa ms':>9s} {'dense ms':>9s} {'impl':>6s} {'x dense':>8s} "
+             f"{'nsa floor':>10s} {'nsa/floor':>10s}"]
+    f = lambda x, p=3: f"{x:.{p}f}" if isinstance(x, float) else "-"  # noqa: E731
+    for r in res["rows"]:
+        lines.append(f"{r['B']:4d} {r['context']:8d} {f(r.get('nsa_ms')):>9s} {f(r.get('dense_ms')):>9s} "
+                     f"{r.get('dense_impl', '-'):>6s} {f(r.get('speedup_vs_dense'), 2):>8s} "
+                     f"{f(r.get('nsa_floor_ms'), 4):>10s} {f(r.get('nsa_over_floor'), 1):>10s}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--B", type=int, nargs="+", help="batch sizes (default: all cases)")
+    p.add_argument("--contexts", type=int, nargs="+", help="contexts (default: all cases)")
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--platform", default=None)
+    p.add_argument("--out", help="JSON file (default $OUT/bench_decode.json when $OUT is set)")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
+    args = p.parse_args()
+    if args.smoke:
+        SHAPE.update(HQ=4, H=2, D=16, block_size=16, S=3, window=16)
+        CASES[:] = [(1, 256), (2, 512)]
+        args.reps = 3
+    run_and_save(run, args, "bench_decode.json", summarize)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
