@@ -109,6 +109,22 @@ def test_rows_of_different_lengths_and_chunks():
     _close(got, want, "rows of different lengths", 1e-5)
 
 
+def test_prefill_chunks_and_edge_sizes(monkeypatch):
+    """The step walks its new tokens in chunks (here 3 at a time: a small GATHERED_KEYS), and
+    a window longer than the cache and more selected blocks than the cache holds are fine."""
+    import ejnsa.xla.decode as xla_decode
+
+    monkeypatch.setattr(xla_decode, "GATHERED_KEYS", 3 * (5 * L + 40))  # chunk = 3 tokens
+    B, T, HQ, H, D = 2, 48, 4, 2, 16
+    q, k, v, (g1, g2, g3) = _seq(9, B, T, HQ, H, D, D)
+    kw = dict(block_counts=5, block_size=L, window_size=40)  # S = 5 > 3 blocks, w = 40 ~ T
+    want = ejnsa.native_sparse_attention(q, k, v, g1, g2, g3, platform="xla", **kw)
+    cache = ejnsa.init_nsa_cache(B, T, H, D, block_size=L)
+    o1, cache = ejnsa.nsa_decode(cache, q[:, :35], k[:, :35], v[:, :35], g1[:, :35], g2[:, :35], g3[:, :35], **kw)
+    o2, cache = ejnsa.nsa_decode(cache, q[:, 35:], k[:, 35:], v[:, 35:], g1[:, 35:], g2[:, 35:], g3[:, 35:], **kw)
+    _close(jnp.concatenate([o1, o2], axis=1), want, "chunked prefill", 1e-5)
+
+
 def test_bf16_steps():
     B, T, HQ, H, D = 1, 40, 4, 1, 32
     q, k, v, gates = _seq(4, B, T, HQ, H, D, D, jnp.bfloat16)
