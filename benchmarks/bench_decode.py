@@ -1,6 +1,6 @@
 """GPU benchmark of one NSA decode step (`ejnsa.nsa_decode`) against dense decode attention.
 
-bf16, HQ=64, H=4, D=128, l=64, S=16, w=512 (the decode issue's shape). For each batch B
+bf16, HQ=64, H=4, D=128, l=64, S=16, w=512 (the shape of a large GQA model's decode). For each batch B
 and context C: a cache of capacity C holding C - 1 tokens per row (random keys and values,
 compressed blocks pooled from them), and one new token per row. Timed, in one process:
 

@@ -64,11 +64,7 @@ def native_sparse_attention(
     g_slc = V.check_gate("g_slc", g_slc, query)
     g_swa = V.check_gate("g_swa", g_swa, query)
     block_size = V.check_block_size(block_size)
-    window_size = V.check_window_size(window_size)
-    if window_size > 0 and g_swa is None:
-        raise ValueError(f"window_size={window_size} > 0 needs the gate g_swa [B, TQ, HQ], got g_swa=None")
-    if window_size == 0 and g_swa is not None:
-        raise ValueError("g_swa was given but window_size is 0; pass window_size > 0 to use the sliding-window branch")
+    window_size = V.check_window_gate(window_size, g_swa)
     block_counts = V.check_block_counts(block_counts, query, key)
     if block_indices is not None:
         block_indices = V.check_block_indices(block_indices, query, key)

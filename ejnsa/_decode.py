@@ -159,11 +159,7 @@ def nsa_decode(
     g_cmp = V.check_gate("g_cmp", g_cmp, query)
     g_slc = V.check_gate("g_slc", g_slc, query)
     g_swa = V.check_gate("g_swa", g_swa, query)
-    window_size = V.check_window_size(window_size)
-    if window_size > 0 and g_swa is None:
-        raise ValueError(f"window_size={window_size} > 0 needs the gate g_swa [B, TN, HQ], got g_swa=None")
-    if window_size == 0 and g_swa is not None:
-        raise ValueError("g_swa was given but window_size is 0; pass window_size > 0 to use the sliding-window branch")
+    window_size = V.check_window_gate(window_size, g_swa)
     block_counts = V.check_block_counts(block_counts, query, key)
     scale = V.check_softmax_scale(softmax_scale, query.shape[-1])
     if num_new is None:

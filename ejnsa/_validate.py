@@ -58,6 +58,16 @@ def check_window_size(window_size) -> int:
     return _require_int("window_size", window_size, minimum=0)
 
 
+def check_window_gate(window_size, g_swa) -> int:
+    """window_size (checked) with the gate it needs: g_swa exactly when window_size > 0."""
+    window_size = check_window_size(window_size)
+    if window_size > 0 and g_swa is None:
+        raise ValueError(f"window_size={window_size} > 0 needs the gate g_swa [B, TQ, HQ], got g_swa=None")
+    if window_size == 0 and g_swa is not None:
+        raise ValueError("g_swa was given but window_size is 0; pass window_size > 0 to use the sliding-window branch")
+    return window_size
+
+
 def check_softmax_scale(softmax_scale, head_dim: int) -> float:
     if softmax_scale is None:
         return float(head_dim) ** -0.5
