@@ -74,6 +74,8 @@ def test_prefill_then_steps_equal_full_call(case):
         o, cache = step(cache, sl(q), sl(k), sl(v), *map(sl, gates), None, None)
         outs.append(o)
     _close(jnp.concatenate(outs, axis=1), want, case, 1e-5)
+    # One compilation for the prompt's TN and one for TN = 1: the growing context never recompiles.
+    assert step._cache_size() == (1 if prompt == 1 else 2)
     np.testing.assert_array_equal(np.asarray(cache.lengths), [T, T])
     np.testing.assert_array_equal(np.asarray(cache.key[:, :T]), np.asarray(k))
     _close(cache.key_cmp[:, : T // L], ejnsa.mean_pooling(k, L)[:, : T // L], "key_cmp", 1e-6)
