@@ -20,10 +20,9 @@ from jaxtyping import Array, Float, Int
 
 from . import _validate as V
 from ._nsa import clamp_counts, topk_slots
-from ._registry import Platform, kernel_registry
+from ._api import PlatformArg
+from ._registry import kernel_registry
 from ._varlen import cdiv
-
-PlatformArg = Platform | str | None
 
 
 class NSACache(NamedTuple):

@@ -78,17 +78,18 @@ def nsa_decode(query, key, value, k_cmp, v_cmp, g_cmp, g_slc, g_swa, start, num_
             vis = visible_rows(pos, jnp.zeros_like(pos), real, rows, block_size)  # [C, NB]
             lse = None
             o = jnp.zeros((1, c, h, hq // h, v.shape[-1]), jnp.float32)
+            # One score tile serves the compressed branch and top-k. With g_cmp the finite
+            # part of the keys (a row that sees a non-finite block is NaN anyway, whatever it
+            # selects); without, the raw keys, as nsa_topk scores them.
+            s = compression_scores(qg, kc32 if g_cmp is not None else kc_raw, softmax_scale)
             if g_cmp is not None:
-                s = compression_scores(qg, kc32, softmax_scale)
                 p, denom, lse, has = masked_softmax_stats(s, vis[None, :, None, None, :])
                 o_cmp = normalise(einsum("bchgj,bjhd->bchgd", p, vc32), denom, has)
                 o_cmp, lse = mark_bad(o_cmp, lse, has, vis, kc_bad | vc_bad)
                 o_cmp = o_cmp.astype(query.dtype).astype(jnp.float32)  # the branch's output dtype
                 o = o + o_cmp * gc.reshape(1, c, h, -1, 1).astype(jnp.float32)
 
-            # Top-k over the same compressed scores (raw keys, as nsa_topk computes them).
-            s_raw = compression_scores(qg, kc_raw, softmax_scale)
-            score = block_scores(s_raw, vis, lse, pos, jnp.zeros_like(pos), real, block_size)  # [1, C, H, NB]
+            score = block_scores(s, vis, lse, pos, jnp.zeros_like(pos), real, block_size)  # [1, C, H, NB]
             if rows < num_slots:
                 score = jnp.pad(score, ((0, 0),) * 3 + ((0, num_slots - rows),), constant_values=-jnp.inf)
             val, idx = _top_k(score, num_slots)
