@@ -14,7 +14,6 @@ from __future__ import annotations
 import numbers
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 

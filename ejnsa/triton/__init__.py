@@ -8,7 +8,7 @@ ejnsa is imported), which the tests use.
 
 from .._nsa import register_pipeline
 from .._registry import Backend, Platform, Runtime, kernel_registry
-from . import compression, selection, topk, window  # noqa: F401  (registration)
+from . import compression, decode, selection, topk, window  # noqa: F401  (registration)
 from ._call import gpu_available, require_triton
 
 # platform=None picks these kernels only where they run compiled (a CUDA GPU with

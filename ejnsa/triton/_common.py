@@ -54,22 +54,8 @@ def bad_keys(key: jax.Array, value: jax.Array) -> jax.Array:
 
 def bad_counts(bad: jax.Array) -> jax.Array:
     """Running count of `bad_keys` [B, TK, H] over the global keys g = b * TK + j:
-    int32 [B * TK + 1, H], entry (g, h) counting the flagged keys before g, so that a
-    kernel learns with two scalar loads whether a run of keys [g0, g1) holds one (and only
-    then loads the flags themselves, `key_flags`)."""
+    int32 [B * TK + 1, H], entry (g, h) counting the flagged keys before g, so that two
+    lookups tell whether a run of keys [g0, g1) holds one (the rows that attend a
+    non-finite key are found this way in XLA, before the kernels)."""
     flat = bad.reshape(-1, bad.shape[-1])
     return jnp.concatenate([jnp.zeros((1, flat.shape[1]), jnp.int32), jnp.cumsum(flat, axis=0, dtype=jnp.int32)])
-
-
-@triton.jit
-def any_bad(bad, g0, g1, i_h, H: tl.constexpr):
-    """Whether the keys [g0, g1) (global, g0 <= g1) of KV head i_h hold a flagged one
-    (`bad` from `bad_counts`)."""
-    return tl.load(bad + g1 * H + i_h) - tl.load(bad + g0 * H + i_h) > 0
-
-
-@triton.jit
-def key_flags(bad, o_g, m_g, i_h, H: tl.constexpr):
-    """[N] whether each global key o_g (where m_g) of KV head i_h is flagged."""
-    p = bad + o_g * H + i_h
-    return (tl.load(p + H, mask=m_g, other=0) - tl.load(p, mask=m_g, other=0)) > 0

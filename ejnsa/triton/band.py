@@ -68,7 +68,7 @@ import triton.language as tl
 
 from ._call import triton_call
 from .._varlen import segment_tiles
-from ._common import any_bad, bad_counts, bad_keys, dot_precision, finite_part, head_tile, key_flags, log2_scale
+from ._common import bad_counts, bad_keys, dot_precision, finite_part, head_tile, log2_scale
 from ._shard import launcher
 
 LN2 = math.log(2.0)
@@ -236,21 +236,6 @@ def _fwd_step(
 
 
 @triton.jit
-def _mark_bad_rows(bad, b_klo, b_khi, i_bk, i_h, lo, hi, H: tl.constexpr, BN: tl.constexpr):
-    """[BM] the rows whose interval holds a key whose key or value held a NaN or Inf
-    (`bad` from `bad_counts`). A second, cheap pass over the tile's keys (no dots), run
-    only for a tile that holds such a key, so that the main loop is that of finite inputs."""
-    b_nan = b_klo < 0  # all False
-    for i_j in range(lo, hi, BN):
-        if any_bad(bad, i_bk + i_j, i_bk + tl.minimum(i_j + BN, hi), i_h, H):
-            o_j = i_j + tl.arange(0, BN)
-            b_bad = key_flags(bad, i_bk + o_j, o_j < hi, i_h, H)  # [BN]
-            m_s = (o_j[None, :] >= b_klo[:, None]) & (o_j[None, :] < b_khi[:, None]) & b_bad[None, :]
-            b_nan = b_nan | (tl.max(tl.where(m_s, 1, 0), 1) > 0)
-    return b_nan
-
-
-@triton.jit
 def _phases(lo, hi, f_lo, f_hi, BS: tl.constexpr):
     """Splits [lo, hi) into masked steps from lo, unmasked steps inside [f_lo, f_hi) (the
     range every row sees), masked steps to hi: returns (n1, s2, n2, s3, n3)."""
@@ -288,24 +273,17 @@ def _query_tile(klo, khi, T, HQ: tl.constexpr, G: tl.constexpr, BM: tl.constexpr
 
 @triton.jit
 def band_fwd_kernel(
-    q, k, v, bad, klo, khi, scale_log2, T, TK,
+    q, k, v, row_bad, klo, khi, scale_log2, T, TK,
     o, lse,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """q [B, T, HQ, K], k [B, TK, H, K], v [B, TK, H, V], bad int32 [B * TK + 1, H]
-    (`bad_counts`), klo / khi int32 [T] -> o [B, T, HQ, V] (q's dtype), lse float32
-    [B, T, HQ] in log2 units (-inf: no key). Grid (cdiv(T * G, BM), H, B)."""
+    """q [B, T, HQ, K], k [B, TK, H, K], v [B, TK, H, V] (finite), row_bad int8 [B, T, H]
+    (`rows_seeing_bad_keys`), klo / khi int32 [T] -> o [B, T, HQ, V] (q's dtype), lse
+    float32 [B, T, HQ] in log2 units (-inf: no key). Grid (cdiv(T * G, BM), H, B)."""
     i_h, i_b, m_r, o_row, b_klo, b_khi, lo, hi, n1, s2, n2, s3, n3 = _query_tile(klo, khi, T, HQ, G, BM, BN)
 
-    # Keys whose key or value held a NaN or Inf were zeroed before the kernel; the rows
-    # that see one are marked NaN (docs/semantics.md, "Bad values"). Before the main loop,
-    # while few registers are live.
     i_bk = i_b * TK
-    b_nan = b_klo < 0  # all False
-    if any_bad(bad, i_bk + lo, i_bk + tl.maximum(lo, hi), i_h, H):  # rare
-        b_nan = _mark_bad_rows(bad, b_klo, b_khi, i_bk, i_h, lo, hi, H, BN)
-
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     # [BM, BK]
@@ -325,9 +303,10 @@ def band_fwd_kernel(
 
     # A row sees keys by its interval, not by its values: one that sees none gets o = 0 and
     # lse = -inf whatever the values hold; one that sees a non-finite key or value gets NaN
-    # in both (a NaN query gives NaN by itself).
+    # in both (a NaN query gives NaN by itself). Those rows were found in XLA, so that the
+    # kernel is that of finite inputs but for one load here. (o_row // G: (b, t, h).)
     has = b_khi > b_klo
-    b_nan = b_nan & has
+    b_nan = (tl.load(row_bad + o_row // G, mask=m_r, other=0) != 0) & has
     b_o = tl.where(has[:, None], b_acc / tl.where(has, b_l, 1.0)[:, None], 0.0)
     b_o = tl.where(b_nan[:, None], float("nan"), b_o)
     b_lse = tl.where(has, b_m + tl.log2(tl.where(has, b_l, 1.0)), float("-inf"))
@@ -544,12 +523,22 @@ def _dims(q, k, v):
     return B, T, HQ, H, HQ // H, K, V, TK
 
 
-def band_forward(q, k, v, bad, iv: Intervals, softmax_scale: float, cfg: BandFwdConfig):
+def rows_seeing_bad_keys(bad: jax.Array, iv: Intervals) -> jax.Array:
+    """int8 [B, T, H]: 1 where query t's interval of KV head h holds a key flagged in
+    `bad` ([B, TK, H], `bad_keys`): two lookups per row in the running count."""
+    batch, num_keys = bad.shape[:2]
+    counts = bad_counts(bad)  # [B * TK + 1, H]
+    base = jnp.arange(batch, dtype=jnp.int32)[:, None] * num_keys
+    return (counts[base + iv.khi[None, :]] > counts[base + iv.klo[None, :]]).astype(jnp.int8)
+
+
+def band_forward(q, k, v, row_bad, iv: Intervals, softmax_scale: float, cfg: BandFwdConfig):
     """-> o [B, T, HQ, V] (q's dtype), lse float32 [B, T, HQ] in log2 units. k and v finite;
-    bad = `bad_counts` of the keys and values they were made from."""
+    row_bad = `rows_seeing_bad_keys` of the keys and values they were made from (those
+    rows get NaN)."""
     B, T, HQ, H, G, K, V, TK = _dims(q, k, v)
     return triton_call(
-        q, k, v, bad, iv.klo, iv.khi, log2_scale(softmax_scale), T, TK,
+        q, k, v, row_bad, iv.klo, iv.khi, log2_scale(softmax_scale), T, TK,
         kernel=band_fwd_kernel,
         out_shape=(jax.ShapeDtypeStruct((B, T, HQ, V), q.dtype), jax.ShapeDtypeStruct((B, T, HQ), jnp.float32)),
         grid=(triton.cdiv(T * G, cfg.block_m), H, B),
@@ -637,7 +626,7 @@ def _band(intervals, softmax_scale, configs, query, key, value, bad, cu_seqlens)
 def _band_fwd(intervals, softmax_scale, configs, query, key, value, bad, cu_seqlens):
     def launch(q, k, v, bad, cu):
         iv = intervals(cu, q.shape[1], k.shape[1])
-        return band_forward(q, k, v, bad_counts(bad), iv, softmax_scale, configs.fwd)
+        return band_forward(q, k, v, rows_seeing_bad_keys(bad, iv), iv, softmax_scale, configs.fwd)
 
     o, lse2 = launcher(launch, ("b.q.", "b.h.", "b.h.", "b.h", None), ("b.q.", "b.q"))(query, key, value, bad,
                                                                                    cu_seqlens)

@@ -58,8 +58,8 @@ import triton.language as tl
 from .._registry import Backend, Platform, kernel_registry
 from .._varlen import cdiv, key_cu, token_info
 from ._call import triton_call
-from ._common import LOG2E, any_bad, bad_counts, bad_keys, dot_precision, finite_part, head_tile, key_flags, log2_scale
-from ._shard import launcher, match_vma
+from ._common import LOG2E, bad_counts, bad_keys, dot_precision, finite_part, head_tile, log2_scale
+from ._shard import launcher
 from .selection_index import SENT, block_rows, block_starts, tile_union, token_lists, token_segment
 
 
@@ -282,28 +282,8 @@ def _union_step(b_q, k, v, p_u, p_w, i, r_tok, m_r, t_r, o_c, o_k, o_v, m_k, m_v
 
 
 @triton.jit
-def _mark_bad_rows(bad, p_u, p_w, n_u, r_tok, m_r, t_r, o_c, t_hi, i_h,
-                   H: tl.constexpr, BT: tl.constexpr, NC: tl.constexpr, BC: tl.constexpr):
-    """[M] the rows that attend a key whose key or value held a NaN or Inf (`bad` from
-    `bad_counts`): a second, cheap pass over the tile's union (no dots), run only for a
-    tile whose union holds such a key, so that the main loop is that of finite inputs."""
-    b_nan = r_tok < 0  # all False
-    for i in range(0, n_u * NC):
-        i_u = i // NC
-        g0 = tl.load(p_u + i_u) + (i % NC) * BC
-        g1 = tl.minimum(g0 + BC, t_hi + 1)
-        if any_bad(bad, tl.minimum(g0, g1), g1, i_h, H):
-            b_w = tl.load(p_w + i_u * BT + r_tok, mask=m_r, other=0)
-            o_j = g0 + o_c
-            m_j = o_j <= t_hi
-            m_s = (o_j[None, :] <= t_r[:, None]) & (b_w[:, None] > 0) & key_flags(bad, o_j, m_j, i_h, H)[None, :]
-            b_nan = b_nan | (tl.max(tl.where(m_s, 1, 0), 1) > 0)
-    return b_nan
-
-
-@triton.jit
 def selection_fwd_kernel(
-    q, k, v, bad, tbad, has, qkey, union, count, mult,  # inputs
+    q, k, v, state, qkey, union, count, mult,  # inputs
     T, NTT, qk_scale,  # scalars
     o, lse,  # outputs
     H: tl.constexpr, HQ: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -313,8 +293,8 @@ def selection_fwd_kernel(
 ):
     """o [B*T, HQ, V] and lse [B*T, HQ] (natural log, -inf for rows with no key, NaN for rows
     that attend a non-finite key or value) of one tile.
-    bad: `bad_counts` [B*T + 1, H]; tbad [H, NT]: 1 where the tile's union holds a flagged key;
-    has [B*T, H] int8: 1 where the token selected a block (it attends >= 1 key)."""
+    k and v finite; state int8 [B*T, H] (`row_states`): bit 0 where the token selected a
+    block (it attends >= 1 key), bit 1 where one of its keys was non-finite (NaN row)."""
     NC: tl.constexpr = BS // BC
     i_tile, i_hg, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NT = tl.num_programs(0)
@@ -323,13 +303,6 @@ def selection_fwd_kernel(
 
     p_u, p_w, n_u = _tile_union_of(union, count, mult, i_h, i_tile, NT, W, BT)
     o_c = tl.arange(0, BC)
-    # Keys whose key or value held a NaN or Inf were zeroed before the kernel; the rows
-    # that attend one are marked NaN (docs/semantics.md, "Bad values"). Before the main
-    # loop, while few registers are live.
-    b_nan = r_tok < 0  # all False
-    if tl.load(tbad + i_h * NT + i_tile) != 0:  # rare
-        b_nan = _mark_bad_rows(bad, p_u, p_w, n_u, r_tok, m_r, k_r, o_c, k_hi, i_h, H, BT, NC, BC)
-
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k = o_k < K
@@ -353,10 +326,13 @@ def selection_fwd_kernel(
         b_o = b_o * b_a[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
         b_m = b_mn
 
-    b_has = tl.load(has + t_r * H + i_h, mask=m_r, other=0) != 0
     # Whether a row attends anything comes from the selection, not from the values: a NaN
-    # score gives a NaN row (and lse), not an empty one.
-    b_nan = b_nan & b_has
+    # score gives a NaN row (and lse), not an empty one. The rows that attend a non-finite
+    # key or value (zeroed before the kernel) were found in XLA: the kernel is that of
+    # finite inputs but for this load.
+    b_state = tl.load(state + t_r * H + i_h, mask=m_r, other=0)
+    b_has = (b_state & 1) != 0
+    b_nan = (b_state & 2) != 0
     b_o = tl.where(b_has[:, None], b_o / tl.where(b_has, b_l, 1.0)[:, None], 0.0)
     b_o = tl.where(b_nan[:, None], float("nan"), b_o)
     tl.store(o + row0 * V + o_row[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty),
@@ -560,34 +536,31 @@ def _dims(query, key, value):
     return batch, seq_len, hq, heads, hq // heads, dk, dv
 
 
-def _tiles_with_bad_keys(union, counts, block_size: int) -> jax.Array:
-    """int32 [H, NT]: 1 where a block of the tile's union holds a flagged key (`counts`
-    from `bad_counts`); the forward looks for the keys themselves only in such tiles. The
-    gathers run only when some key is flagged at all."""
-    def find():
-        valid = union != SENT
-        g0 = jnp.where(valid, union, 0)
-        g1 = jnp.minimum(g0 + block_size, counts.shape[0] - 1)
-        h = jnp.arange(union.shape[0], dtype=jnp.int32)[:, None, None]
-        return jnp.any(valid & (counts[g1, h] > counts[g0, h]), axis=2).astype(jnp.int32)
-
-    # (typed like `find`'s result inside shard_map, as lax.cond requires)
-    none = lambda: match_vma(jnp.zeros(union.shape[:2], jnp.int32), union, counts)  # noqa: E731
-    return jax.lax.cond(jnp.any(counts[-1] > 0), find, none)
+def row_states(starts, block_size: int, query_keys, bad) -> jax.Array:
+    """int8 [B, TQ, H]: bit 0 where the query has a valid entry (`block_starts` [B, TQ, H, S]
+    != SENT), bit 1 where one of its selected keys (those of a block up to its own key
+    query_keys [B, TQ], global) is flagged in `bad` ([B, TK, H], `bad_keys`): two lookups
+    per entry in the running count."""
+    valid = starts != SENT
+    counts = bad_counts(bad)  # [B * TK + 1, H]
+    first = jnp.where(valid, starts, 0)
+    end = jnp.where(valid, jnp.minimum(starts + block_size, query_keys[:, :, None, None] + 1), 0)
+    h = jnp.arange(starts.shape[2], dtype=jnp.int32)[None, None, :, None]
+    hit = jnp.any(valid & (counts[end, h] > counts[first, h]), axis=-1)
+    return (jnp.any(valid, axis=-1).astype(jnp.int8) | (hit.astype(jnp.int8) << 1)).astype(jnp.int8)
 
 
-def _forward(query, key, value, bad, has, qkey, tiles, plan: TilePlan, block_size: int, scale: float,
+def _forward(query, key, value, state, qkey, tiles, plan: TilePlan, block_size: int, scale: float,
              cfg: SelectionFwdConfig):
-    """(o, lse natural log) over the tile unions `tiles`; bad = `bad_keys` [B, TK, H]; has
-    int8 [B, TQ, H]: the query has a valid entry; qkey: None (TQ == TK) or `_query_keys`."""
+    """(o, lse natural log) over the tile unions `tiles`; state int8 [B, TQ, H] from
+    `row_states`; qkey: None (TQ == TK) or `_query_keys`."""
     union, count, mult = tiles
     batch, seq_len, hq, heads, group, dk, dv = _dims(query, key, value)
     ntt = cdiv(seq_len, plan.bt)
     bv = min(cfg.block_v, head_tile(dv))
-    counts = bad_counts(bad)
     return triton_call(
-        query, key, value, counts, _tiles_with_bad_keys(union, counts, block_size), has,
-        has if qkey is None else qkey, union, count, mult,  # (has: a placeholder pointer, never read)
+        query, key, value, state,
+        state if qkey is None else qkey, union, count, mult,  # (state: a placeholder pointer, never read)
         seq_len, ntt, log2_scale(scale),
         kernel=selection_fwd_kernel,
         out_shape=(jax.ShapeDtypeStruct(query.shape[:3] + (dv,), query.dtype),
@@ -681,10 +654,12 @@ def _selected_forward(query, key, value, bad, block_indices, block_counts, cu_se
     plan = TilePlan.make(group, cfg.fwd.rows)
 
     def launch(q, k, v, bad, bi, bc, cu):
-        starts = block_starts(bi, bc, block_size, cu, k.shape[1])
-        has = jnp.any(starts != SENT, axis=-1).astype(jnp.int8)
-        return _forward(q, k, v, bad, has, _query_keys(cu, q.shape[0], q.shape[1], k.shape[1], block_size),
-                        tile_union(starts, plan.bt), plan, block_size, scale, cfg.fwd)
+        batch, num_keys = q.shape[0], k.shape[1]
+        starts = block_starts(bi, bc, block_size, cu, num_keys)
+        qkey = _query_keys(cu, batch, q.shape[1], num_keys, block_size)
+        keys = (jnp.arange(batch * q.shape[1], dtype=jnp.int32) if qkey is None else qkey).reshape(batch, -1)
+        return _forward(q, k, v, row_states(starts, block_size, keys, bad), qkey, tile_union(starts, plan.bt), plan,
+                        block_size, scale, cfg.fwd)
 
     layouts = ("b.q.", "b.h.", "b.h.", "b.h", "b.h.", "b.h", None)
     return launcher(launch, layouts, ("b.q.", "b.q"))(query, key, value, bad, block_indices, block_counts, cu_seqlens)

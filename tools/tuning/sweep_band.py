@@ -34,7 +34,7 @@ def main():
 
     import ejnsa
     from ejnsa.triton import band
-    from ejnsa.triton._common import bad_counts, bad_keys
+    from ejnsa.triton._common import bad_keys
     from ejnsa.triton.compression import CompressionIntervals
     from ejnsa.triton.window import WindowIntervals
 
@@ -56,7 +56,7 @@ def main():
         log(json.dumps(row))
 
     for name, (kk, vv, iv, splits) in cases.items():
-        bad = bad_counts(bad_keys(kk, vv))  # no key is bad here: the forward's flags, all 0
+        bad = band.rows_seeing_bad_keys(bad_keys(kk, vv), iv)  # no key is bad here: all 0
         default = band.BandFwdConfig.default(D, D, jnp.bfloat16)
         o, lse = jax.jit(lambda q, kk, vv: band.band_forward(q, kk, vv, bad, iv, scale, default))(q, kk, vv)
         delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
