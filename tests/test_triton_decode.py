@@ -58,7 +58,7 @@ CASES = {  # name: (HQ, H, Dk, Dv, window, cmp, array counts)
 }
 
 
-def _walk(case, dtype=jnp.float32, steps=3, poison=None):
+def _walk(case, dtype=jnp.float32, steps=3, poison=None, poison_value=None):
     """Prefill three rows with 30, 15 and 0 tokens (XLA), then `steps` single-token steps
     with both steps on the same cache; row 2 idles for the first step. Returns the list
     of (triton, xla) outputs."""
@@ -67,6 +67,8 @@ def _walk(case, dtype=jnp.float32, steps=3, poison=None):
     q, k, v, gates = _inputs(list(CASES).index(case), B, T, HQ, H, Dk, Dv, dtype)
     if poison is not None:
         k = k.at[poison].set(jnp.nan)
+    if poison_value is not None:
+        v = v.at[poison_value].set(jnp.inf)
     counts = None
     if array_counts:
         counts = jnp.asarray(np.random.default_rng(3).integers(0, S + 2, (B, T, H)), jnp.int32)
@@ -103,8 +105,11 @@ def test_triton_step_equals_xla_step(case):
 
 
 def test_triton_step_bf16():
-    for i, (a, b) in enumerate(_walk("G3_DkDv_counts", jnp.bfloat16, steps=2)):
+    """bf16, with an Inf in row 1's value at position 10 (in the window of its steps)."""
+    for i, (a, b) in enumerate(_walk("G3_DkDv_counts", jnp.bfloat16, steps=2, poison_value=(1, 10, 1, 5))):
         _same(a, b, f"bf16 step {i}", 1e-2)
+        a = np.asarray(a, np.float32)
+        assert np.isnan(a[1, 0, 3:]).all() and np.isfinite(a[0]).all(), "row 1's heads of KV head 1 see the Inf"
 
 
 def test_triton_step_non_finite_cache():

@@ -57,6 +57,21 @@ def _finite(x):
 
 
 @triton.jit
+def _bad_rows(x):
+    """[N] whether each row of the tile x [N, D] (float32, bfloat16 or float16, as loaded)
+    holds a NaN or Inf: an all-ones exponent, tested on the bits, so that the tile is
+    neither widened to float32 nor copied (registers a load-bound step needs for its
+    loads in flight)."""
+    if x.dtype == tl.float32:
+        bad = (x.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000
+    elif x.dtype == tl.bfloat16:
+        bad = (x.to(tl.int16, bitcast=True) & 0x7F80) == 0x7F80
+    else:
+        bad = (x.to(tl.int16, bitcast=True) & 0x7C00) == 0x7C00
+    return tl.max(tl.where(bad, 1, 0), 1) > 0
+
+
+@triton.jit
 def _query_rows(q, i_b, i_h, HQ: tl.constexpr, G: tl.constexpr, K: tl.constexpr, GP: tl.constexpr,
                 BK: tl.constexpr):
     """The G query heads of KV head i_h of row i_b ([B, 1, HQ, K]) as [GP, BK] in q's dtype,
@@ -81,8 +96,8 @@ def _row_state(start, num_new, i_b, NB, L: tl.constexpr):
 
 @triton.jit
 def _online_step(b_q, b_m, b_l, b_acc, b_k, b_v, m_j, scale_log2, WITH_V: tl.constexpr, PREC: tl.constexpr):
-    """One step of the online softmax over keys b_k [N, BK] (finite, float32; masked rows
-    m_j [N] are ignored) for the rows of b_q [GP, BK]; the dots take q's dtype. Returns
+    """One step of the online softmax over keys b_k [N, BK] (masked rows m_j [N], loaded
+    as 0, are ignored) for the rows of b_q [GP, BK]; the dots take q's dtype. Returns
     (m, l, acc, s) with s the step's [GP, N] scores in log2 units (-inf where masked)."""
     dt = b_q.dtype
     s = tl.dot(b_q, tl.trans(b_k.to(dt)), input_precision=PREC) * scale_log2
@@ -133,16 +148,16 @@ def decode_cmp_kernel(
         m_c = o_c < nvis
         rows = (i_b * NB + o_c) * H + i_h
         b_k = tl.load(kc + rows[:, None] * K + o_k[None, :], mask=m_c[:, None] & (o_k < K)[None, :], other=0.0)
-        b_kf, bad_k = _finite(b_k.to(tl.float32))
-        b_v = b_kf
-        bad = bad_k
+        bad = _bad_rows(b_k)
+        b_v = b_k
         if WITH_V:
             b_v = tl.load(vc + rows[:, None] * V + o_v[None, :], mask=m_c[:, None] & (o_v < V)[None, :], other=0.0)
-            b_v, bad_v = _finite(b_v.to(tl.float32))
-            bad = bad | bad_v
+            bad = bad | _bad_rows(b_v)
         b_bad = tl.maximum(b_bad, tl.where(m_c & bad, 1, 0))
-        b_m, b_l, b_acc, s = _online_step(b_q, b_m, b_l, b_acc, b_k.to(tl.float32) if RAW else b_kf, b_v, m_c,
-                                          scale_log2, WITH_V, PREC)
+        # The dots take the raw rows: a visible non-finite one makes the heads of this row
+        # NaN in the end (bit 1) whatever it does to the running softmax, which leaves NaN
+        # and +inf scores out; masked rows are loaded as 0.
+        b_m, b_l, b_acc, s = _online_step(b_q, b_m, b_l, b_acc, b_k, b_v, m_c, scale_log2, WITH_V, PREC)
         nf = (s != s) | (s == float("inf"))
         b_nf = tl.maximum(b_nf, tl.max(tl.where(nf, 1, 0), 1))
         tl.store(s_out + (head * G + o_g)[:, None] * (NS * CS) + o_c[None, :], s, mask=(o_g < G)[:, None])
@@ -254,10 +269,10 @@ def _attend_keys(b_q, b_m, b_l, b_acc, b_flag, k, v, o_j, m_j, i_b, i_h, CAP, sc
     rows = (i_b * CAP + tl.where(m_j, o_j, 0)) * H + i_h
     b_k = tl.load(k + rows[:, None] * K + o_k[None, :], mask=m_j[:, None] & (o_k < K)[None, :], other=0.0)
     b_v = tl.load(v + rows[:, None] * V + o_v[None, :], mask=m_j[:, None] & (o_v < V)[None, :], other=0.0)
-    b_k, bad_k = _finite(b_k.to(tl.float32))
-    b_v, bad_v = _finite(b_v.to(tl.float32))
+    # Raw rows into the dots: every head of the program attends every key it loads, so a
+    # non-finite one makes all of them NaN in the end (bit 1); masked rows are loaded as 0.
     seen = tl.max(tl.where(m_j, 1, 0), 0)
-    bad = tl.max(tl.where(m_j & (bad_k | bad_v), 2, 0), 0)
+    bad = tl.max(tl.where(m_j & (_bad_rows(b_k) | _bad_rows(b_v)), 2, 0), 0)
     b_m, b_l, b_acc, _ = _online_step(b_q, b_m, b_l, b_acc, b_k, b_v, m_j, scale_log2, True, PREC)
     return b_m, b_l, b_acc, b_flag | seen | bad
 
