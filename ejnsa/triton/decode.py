@@ -46,7 +46,10 @@ from ._shard import launcher
 MAX_SLOTS = 128  # S rounds of a max over the candidates: beyond this, XLA's sort serves
 MAX_SPLITS = 256  # splits of the compressed keys per (row, KV head)
 SPLIT_ROWS = 512  # most compressed rows per split (top-k keeps a split's scores in registers)
-TARGET_PROGRAMS = 264  # about two programs per SM of an H200 for the split launches
+MIN_SPLIT_ROWS = 128  # fewest rows per split (more splits: more partials for the combine to read)
+# Programs to aim for in the launches that stream keys: a step is bound by its loads, and
+# many short programs keep the most loads in flight (about 8 per SM of an H200).
+TARGET_PROGRAMS = 1024
 
 
 @triton.jit
@@ -438,17 +441,17 @@ def _pow2(n: int) -> int:
 
 def compressed_splits(num_rows: int, batch: int, kv_heads: int, chunk: int) -> tuple[int, int]:
     """(rows per split, splits) of a row's compressed keys: enough programs to fill the GPU
-    (TARGET_PROGRAMS over batch x KV heads), at most SPLIT_ROWS rows each."""
+    (TARGET_PROGRAMS over batch x KV heads), MIN_SPLIT_ROWS to SPLIT_ROWS rows each."""
     want = max(1, cdiv(TARGET_PROGRAMS, batch * kv_heads))
-    rows = min(max(_pow2(cdiv(num_rows, want)), chunk), SPLIT_ROWS)
+    rows = min(max(_pow2(cdiv(num_rows, want)), chunk, MIN_SPLIT_ROWS), SPLIT_ROWS)
     return rows, cdiv(num_rows, rows)
 
 
 def slots_per_unit(num_slots: int, batch: int, kv_heads: int) -> int:
     """Selected blocks per program of the attend launch: one each while there are few
-    programs, more (fewer partials to write and combine) while TARGET_PROGRAMS still run."""
+    programs, more (fewer partials to write and combine) while 2 * TARGET_PROGRAMS still run."""
     spp = 1
-    while spp < num_slots and batch * kv_heads * cdiv(num_slots, 2 * spp) >= TARGET_PROGRAMS:
+    while spp < num_slots and batch * kv_heads * cdiv(num_slots, 2 * spp) >= 2 * TARGET_PROGRAMS:
         spp *= 2
     return spp
 
@@ -511,7 +514,7 @@ def _launch(q, k, v, kc, vc, gc, gs, gw, start, num_new, counts, *, num_slots, b
         kernel=decode_combine_kernel,
         out_shape=sds((B, 1, HQ, V), out_dtype),
         grid=(cdiv(V, BVC), H, B), num_warps=4, name="ejnsa_decode_combine",
-        NSEL=nsel, GP=GP, BK=BK, BVC=BVC, BP=16, NSP=_pow2(NS), WITH_CMP=with_cmp, GATED_SLC=gated_slc,
+        NSEL=nsel, GP=GP, BK=BK, BVC=BVC, BP=min(16, _pow2(max(NS, nu))), NSP=_pow2(NS), WITH_CMP=with_cmp, GATED_SLC=gated_slc,
         WINDOW=w > 0, **heads,
     )
 
