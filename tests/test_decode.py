@@ -174,17 +174,6 @@ def test_bad_value_stays_in_its_row():
     assert np.all(np.isnan(runs[1][1][1, 0])), "token 20 attends its own NaN key (window)"
 
 
-def test_platform_triton_decodes():
-    """platform="triton" runs the decode step (the XLA step serves it: docs/decode.md)."""
-    B, T, H, D = 1, 20, 1, 16
-    q, k, v, gates = _seq(7, B, T, 2, H, D, D)
-    kw = dict(block_counts=S, block_size=L, window_size=W)
-    cache = ejnsa.init_nsa_cache(B, T, H, D, block_size=L)
-    a, _ = ejnsa.nsa_decode(cache, q, k, v, *gates, platform="xla", **kw)
-    b, _ = ejnsa.nsa_decode(cache, q, k, v, *gates, platform="triton", **kw)
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
 def test_bad_input():
     B, H, D = 2, 2, 16
     q, k, v, (g1, g2, g3) = _seq(8, B, 4, 4, H, D, D)
