@@ -184,7 +184,7 @@ def run_and_save(run, args, name: str, summarize) -> dict:
         if out:
             with open(out, "w") as f:
                 json.dump(res, f, indent=1, default=str)
-            log(f"wrote {out}")
+            log(f"wrote {os.path.basename(out)}")  # (no machine path in logs kept in docs/results)
         if "rows" in res:
             log(summarize(res))
         log(f"wall {res['wall_s']:.0f} s")
