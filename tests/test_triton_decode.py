@@ -99,7 +99,7 @@ def _walk(case, dtype=jnp.float32, steps=3, poison=None, poison_value=None):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_triton_step_equals_xla_step(case):
-    for i, (a, b) in enumerate(_walk(case)):
+    for i, (a, b) in enumerate(_walk(case, steps=2)):
         assert np.all(np.isfinite(np.asarray(a)))
         _same(a, b, f"{case} step {i}", 1e-5)
 
