@@ -19,8 +19,9 @@ at the end (flash-decoding). Each key is read once, for all G heads. Five launch
    partials, each rounded to the query's dtype as the full call's branches are, gated and
    summed.
 
-Bad values follow the full call (docs/semantics.md, "Bad values"): keys and values enter
-the dots as their finite parts and the rows that attend a non-finite one are NaN, a
+Bad values follow the full call (docs/semantics.md, "Bad values"): every head of a
+program attends every key the program loads, so keys and values enter the dots as they
+are, and the rows that attend a non-finite one (found on the loaded bits) are NaN; a
 token that sees no compressed block gets o_cmp = 0, padding tokens (num_new = 0) output 0,
 and every buffer of every launch is written whatever the inputs hold.
 
@@ -53,13 +54,6 @@ TARGET_PROGRAMS = 1024
 
 
 @triton.jit
-def _finite(x):
-    """[.., N] float32 x -> (x with non-finite entries 0, [..] whether a row held one)."""
-    ok = (x == x) & (tl.abs(x) != float("inf"))
-    return tl.where(ok, x, 0.0), tl.max(tl.where(ok, 0, 1), 1) > 0
-
-
-@triton.jit
 def _bad_rows(x):
     """[N] whether each row of the tile x [N, D] (float32, bfloat16 or float16, as loaded)
     holds a NaN or Inf: an all-ones exponent, tested on the bits, so that the tile is
@@ -84,8 +78,7 @@ def _query_rows(q, i_b, i_h, HQ: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     o_k = tl.arange(0, BK)
     m = (o_g < G)[:, None] & (o_k < K)[None, :]
     b_q = tl.load(q + (i_b * HQ + i_h * G + o_g)[:, None] * K + o_k[None, :], mask=m, other=0.0)
-    _, bad = _finite(b_q.to(tl.float32))
-    return b_q, bad
+    return b_q, _bad_rows(b_q)
 
 
 @triton.jit
@@ -124,13 +117,15 @@ def decode_cmp_kernel(
     s_out, m_out, l_out, acc_out, flag_out,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     CS: tl.constexpr, BC: tl.constexpr, GP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    RAW: tl.constexpr, WITH_V: tl.constexpr, PREC: tl.constexpr,
+    WITH_V: tl.constexpr, PREC: tl.constexpr,
 ):
     """q [B, 1, HQ, K], kc [B, NB, H, K], vc [B, NB, H, V], start / num_new int32 [B] ->
     s_out f32 [B, H, G, NS * CS] (scores in log2 units, -inf where not visible), m_out /
     l_out f32 [B, H, NS, GP], acc_out f32 [B, H, NS, GP, V] (0 without WITH_V), flag_out
     int32 [B, H, NS, GP]: bit 0 a NaN or +inf score, bit 1 a visible row with a non-finite
-    key or value. RAW: scores from the raw keys (top-k's rule without g_cmp)."""
+    key or value. The scores come from the raw keys: with g_cmp a row that sees a
+    non-finite one is NaN whatever top-k picks, and without it top-k's rule scores the raw
+    keys."""
     i_s = tl.program_id(0)
     i_h = tl.program_id(1)
     i_b = tl.program_id(2).to(tl.int64)
@@ -477,7 +472,7 @@ def _launch(q, k, v, kc, vc, gc, gs, gw, start, num_new, counts, *, num_slots, b
         out_shape=(sds((B, H, G, NS * CS), f32), sds((B, H, NS, GP), f32), sds((B, H, NS, GP), f32),
                    sds((B, H, NS, GP, V), f32), sds((B, H, NS, GP), i32)),
         grid=(NS, H, B), num_warps=4, name="ejnsa_decode_cmp",
-        CS=CS, BC=BC, GP=GP, BK=BK, BV=BV, RAW=not with_cmp, WITH_V=with_cmp, PREC=prec, **heads,
+        CS=CS, BC=BC, GP=GP, BK=BK, BV=BV, WITH_V=with_cmp, PREC=prec, **heads,
     )
     top_s, top_i = triton_call(
         s, cm, cl, cflag, start, num_new, NB,
