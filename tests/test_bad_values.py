@@ -305,6 +305,29 @@ def test_topk_with_a_nan_query(P):
     assert np.array_equal(got[keep], want[keep])
 
 
+@pytest.mark.parametrize("P", PLATFORMS)
+def test_infinite_query_with_no_weight(P):
+    """A query entry of -Inf against keys that are all positive there: every score of the
+    token at that head is -inf, so it has keys but no weight. Its output there is NaN (it
+    attends a non-finite value: rule 2), not the 0 of a token that sees nothing; every
+    other token and head is finite."""
+    T, t = 40, 37
+    q, k, v, _ = _inputs(10, T=T)
+    k = k.at[..., 0].set(jnp.abs(k[..., 0]) + 0.5)
+    q = q.at[0, t, 1, 0].set(-jnp.inf)  # query head 1: KV head 0
+    kc, vc = ejnsa.mean_pooling(k, L), ejnsa.mean_pooling(v, L)
+    bi = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (1, T, H, S))
+    for name, args in (("window", (q, k, v)), ("selection", (q, k, v)), ("compression", (q, kc, vc))):
+        out = _call(name, P, args, bi=bi, grads=False)
+        o = np.asarray(out[0] if name == "compression" else out)[0]
+        want = np.zeros(o.shape[:2], bool)
+        want[t, 1] = True
+        assert np.isnan(o[want]).all() and np.isfinite(o[~want]).all(), name
+        if name == "compression":
+            lse = np.asarray(out[1])[0]
+            assert not np.isfinite(lse[t, 1]) and np.isfinite(lse[L - 1:][~want[L - 1:]]).all()
+
+
 def test_platforms_agree_on_nan_rows():
     """The XLA path no longer turns a NaN row into 0: both platforms mark the same entries."""
     cu = jnp.asarray(cu_from_lengths(LENGTHS))

@@ -59,3 +59,16 @@ def bad_counts(bad: jax.Array) -> jax.Array:
     non-finite key are found this way in XLA, before the kernels)."""
     flat = bad.reshape(-1, bad.shape[-1])
     return jnp.concatenate([jnp.zeros((1, flat.shape[1]), jnp.int32), jnp.cumsum(flat, axis=0, dtype=jnp.int32)])
+
+
+def mark_rows_nan(o: jax.Array, lse: jax.Array, bad_rows: jax.Array, has_keys: jax.Array):
+    """A forward kernel's o [B, T, HQ, V] and lse [B, T, HQ] with NaN where the row is NaN
+    (docs/semantics.md, "Bad values"): `bad_rows` (bool [B, T, H]: it attends a non-finite
+    key or value, which the kernel saw as 0) or `has_keys` (bool, broadcastable to [B, T, H]:
+    it sees at least one key) while the kernel found no weight (lse = -inf: an infinite query entry). Each KV head's mark
+    covers its G query heads. A `jnp.where` after the kernel, not in it: XLA fuses it into
+    whatever reads o next (the gates' sum), the kernel stays that of finite inputs, and a
+    marked row passes no gradient back."""
+    group = o.shape[2] // bad_rows.shape[2]
+    nan = jnp.repeat(bad_rows, group, axis=2) | (jnp.repeat(jnp.broadcast_to(has_keys, bad_rows.shape), group, axis=2) & (lse == -jnp.inf))
+    return jnp.where(nan[..., None], jnp.asarray(jnp.nan, o.dtype), o), jnp.where(nan, jnp.nan, lse)

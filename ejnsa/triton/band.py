@@ -68,7 +68,7 @@ import triton.language as tl
 
 from ._call import triton_call
 from .._varlen import segment_tiles
-from ._common import bad_counts, bad_keys, dot_precision, finite_part, head_tile, log2_scale
+from ._common import bad_counts, bad_keys, dot_precision, finite_part, head_tile, log2_scale, mark_rows_nan
 from ._shard import launcher
 
 LN2 = math.log(2.0)
@@ -273,14 +273,14 @@ def _query_tile(klo, khi, T, HQ: tl.constexpr, G: tl.constexpr, BM: tl.constexpr
 
 @triton.jit
 def band_fwd_kernel(
-    q, k, v, row_bad, klo, khi, scale_log2, T, TK,
+    q, k, v, klo, khi, scale_log2, T, TK,
     o, lse,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """q [B, T, HQ, K], k [B, TK, H, K], v [B, TK, H, V] (finite), row_bad int8 [B, T, H]
-    (`rows_seeing_bad_keys`), klo / khi int32 [T] -> o [B, T, HQ, V] (q's dtype), lse
-    float32 [B, T, HQ] in log2 units (-inf: no key). Grid (cdiv(T * G, BM), H, B)."""
+    """q [B, T, HQ, K], k [B, TK, H, K], v [B, TK, H, V] (finite parts), klo / khi int32 [T]
+    -> o [B, T, HQ, V] (q's dtype), lse float32 [B, T, HQ] in log2 units (-inf: no key).
+    Grid (cdiv(T * G, BM), H, B)."""
     i_h, i_b, m_r, o_row, b_klo, b_khi, lo, hi, n1, s2, n2, s3, n3 = _query_tile(klo, khi, T, HQ, G, BM, BN)
 
     i_bk = i_b * TK
@@ -301,16 +301,13 @@ def band_fwd_kernel(
         b_acc, b_m, b_l = _fwd_step(b_q, b_acc, b_m, b_l, b_klo, b_khi, k, v, i_bk, i_h, s3 + i * BN, hi,
                                     scale_log2, H, K, V, BN, BK, BV, True, PREC)
 
-    # A row sees keys by its interval, not by its values: one that sees none gets o = 0 and
-    # lse = -inf whatever the values hold; one that sees a non-finite key or value gets NaN
-    # in both (a NaN query gives NaN by itself). Those rows were found in XLA, so that the
-    # kernel is that of finite inputs but for one load here. (o_row // G: (b, t, h).)
-    has = b_khi > b_klo
-    b_nan = (tl.load(row_bad + o_row // G, mask=m_r, other=0) != 0) & has
-    b_o = tl.where(has[:, None], b_acc / tl.where(has, b_l, 1.0)[:, None], 0.0)
-    b_o = tl.where(b_nan[:, None], float("nan"), b_o)
+    # Keys and values are finite parts, so a row that sees no key keeps l = 0 (o = 0, lse =
+    # -inf) whatever the values hold, and a NaN query makes l NaN (o and lse NaN). The rows
+    # that see a non-finite key or value are marked NaN after the kernel (`mark_rows_nan`):
+    # any work here, even a flag load in this epilogue, costs the forward ~4% at 64K.
+    has = b_l != 0
+    b_o = b_acc / tl.where(has, b_l, 1.0)[:, None]
     b_lse = tl.where(has, b_m + tl.log2(tl.where(has, b_l, 1.0)), float("-inf"))
-    b_lse = tl.where(b_nan, float("nan"), b_lse)
     m_o = m_r[:, None] & (o_v < V)[None, :]
     tl.store(o + o_row[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_o)
     tl.store(lse + o_row, b_lse, mask=m_r)
@@ -524,21 +521,20 @@ def _dims(q, k, v):
 
 
 def rows_seeing_bad_keys(bad: jax.Array, iv: Intervals) -> jax.Array:
-    """int8 [B, T, H]: 1 where query t's interval of KV head h holds a key flagged in
-    `bad` ([B, TK, H], `bad_keys`): two lookups per row in the running count."""
+    """bool [B, T, H]: where query t's interval of KV head h holds a key flagged in `bad`
+    ([B, TK, H], `bad_keys`): two lookups per row in the running count."""
     batch, num_keys = bad.shape[:2]
     counts = bad_counts(bad)  # [B * TK + 1, H]
     base = jnp.arange(batch, dtype=jnp.int32)[:, None] * num_keys
-    return (counts[base + iv.khi[None, :]] > counts[base + iv.klo[None, :]]).astype(jnp.int8)
+    return counts[base + iv.khi[None, :]] > counts[base + iv.klo[None, :]]
 
 
-def band_forward(q, k, v, row_bad, iv: Intervals, softmax_scale: float, cfg: BandFwdConfig):
-    """-> o [B, T, HQ, V] (q's dtype), lse float32 [B, T, HQ] in log2 units. k and v finite;
-    row_bad = `rows_seeing_bad_keys` of the keys and values they were made from (those
-    rows get NaN)."""
+def band_forward(q, k, v, iv: Intervals, softmax_scale: float, cfg: BandFwdConfig):
+    """-> o [B, T, HQ, V] (q's dtype), lse float32 [B, T, HQ] in log2 units; k and v finite
+    (the rows that see a non-finite one are marked by the caller, `band_attention`)."""
     B, T, HQ, H, G, K, V, TK = _dims(q, k, v)
     return triton_call(
-        q, k, v, row_bad, iv.klo, iv.khi, log2_scale(softmax_scale), T, TK,
+        q, k, v, iv.klo, iv.khi, log2_scale(softmax_scale), T, TK,
         kernel=band_fwd_kernel,
         out_shape=(jax.ShapeDtypeStruct((B, T, HQ, V), q.dtype), jax.ShapeDtypeStruct((B, T, HQ), jnp.float32)),
         grid=(triton.cdiv(T * G, cfg.block_m), H, B),
@@ -610,26 +606,25 @@ def band_attention(intervals: IntervalsFn, softmax_scale: float, configs: BandCo
     in query, key and value, through both outputs.
 
     Keys and values enter the kernels as their finite parts (non-finite entries 0, and no
-    gradient to them), with `bad_keys` of the originals, from which the forward marks
-    the rows that see a non-finite one NaN (docs/semantics.md, "Bad values"): so no masked
-    weight of 0 ever meets a NaN in a product, in the forward or the backward.
+    gradient to them), so that no masked weight of 0 ever meets a NaN in a product, in the
+    forward or the backward; the rows that see a non-finite one (`bad_keys` of the
+    originals) are then marked NaN (docs/semantics.md, "Bad values").
     """
-    return _band(intervals, softmax_scale, configs, query, finite_part(key), finite_part(value),
-                 bad_keys(key, value), cu_seqlens)
+    o, lse = _band(intervals, softmax_scale, configs, query, finite_part(key), finite_part(value), cu_seqlens)
+    iv = intervals(cu_seqlens, query.shape[1], key.shape[1])
+    return mark_rows_nan(o, lse, rows_seeing_bad_keys(bad_keys(key, value), iv), (iv.khi > iv.klo)[None, :, None])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _band(intervals, softmax_scale, configs, query, key, value, bad, cu_seqlens):
-    return _band_fwd(intervals, softmax_scale, configs, query, key, value, bad, cu_seqlens)[0]
+def _band(intervals, softmax_scale, configs, query, key, value, cu_seqlens):
+    return _band_fwd(intervals, softmax_scale, configs, query, key, value, cu_seqlens)[0]
 
 
-def _band_fwd(intervals, softmax_scale, configs, query, key, value, bad, cu_seqlens):
-    def launch(q, k, v, bad, cu):
-        iv = intervals(cu, q.shape[1], k.shape[1])
-        return band_forward(q, k, v, rows_seeing_bad_keys(bad, iv), iv, softmax_scale, configs.fwd)
+def _band_fwd(intervals, softmax_scale, configs, query, key, value, cu_seqlens):
+    def launch(q, k, v, cu):
+        return band_forward(q, k, v, intervals(cu, q.shape[1], k.shape[1]), softmax_scale, configs.fwd)
 
-    o, lse2 = launcher(launch, ("b.q.", "b.h.", "b.h.", "b.h", None), ("b.q.", "b.q"))(query, key, value, bad,
-                                                                                   cu_seqlens)
+    o, lse2 = launcher(launch, ("b.q.", "b.h.", "b.h.", None), ("b.q.", "b.q"))(query, key, value, cu_seqlens)
     return (o, lse2 * LN2), (query, key, value, o, lse2, cu_seqlens)
 
 
@@ -647,7 +642,7 @@ def _band_bwd(intervals, softmax_scale, configs, res, cotangents):
     layouts = ("b.q.", "b.h.", "b.h.", "b.q.", "b.q", "b.q", None)
     dq, dk, dv = launcher(launch, layouts, ("b.q.", "b.h.", "b.h."))(query, key, value, do.astype(query.dtype), lse2,
                                                                    delta, cu_seqlens)
-    return dq, dk, dv, None, None
+    return dq, dk, dv, None
 
 
 _band.defvjp(_band_fwd, _band_bwd)

@@ -58,7 +58,7 @@ import triton.language as tl
 from .._registry import Backend, Platform, kernel_registry
 from .._varlen import cdiv, key_cu, token_info
 from ._call import triton_call
-from ._common import LOG2E, bad_counts, bad_keys, dot_precision, finite_part, head_tile, log2_scale
+from ._common import LOG2E, bad_counts, bad_keys, dot_precision, finite_part, head_tile, log2_scale, mark_rows_nan
 from ._shard import launcher
 from .selection_index import SENT, block_rows, block_starts, tile_union, token_lists, token_segment
 
@@ -283,7 +283,7 @@ def _union_step(b_q, k, v, p_u, p_w, i, r_tok, m_r, t_r, o_c, o_k, o_v, m_k, m_v
 
 @triton.jit
 def selection_fwd_kernel(
-    q, k, v, state, qkey, union, count, mult,  # inputs
+    q, k, v, qkey, union, count, mult,  # inputs
     T, NTT, qk_scale,  # scalars
     o, lse,  # outputs
     H: tl.constexpr, HQ: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -291,10 +291,9 @@ def selection_fwd_kernel(
     BS: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
     SUFFIX: tl.constexpr,
 ):
-    """o [B*T, HQ, V] and lse [B*T, HQ] (natural log, -inf for rows with no key, NaN for rows
-    that attend a non-finite key or value) of one tile.
-    k and v finite; state int8 [B*T, H] (`row_states`): bit 0 where the token selected a
-    block (it attends >= 1 key), bit 1 where one of its keys was non-finite (NaN row)."""
+    """o [B*T, HQ, V] and lse [B*T, HQ] (natural log, -inf for rows with no key) of one tile;
+    k and v finite parts (the rows that attend a non-finite key or value are marked NaN
+    after the kernel, `rows_with_bad_keys`)."""
     NC: tl.constexpr = BS // BC
     i_tile, i_hg, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NT = tl.num_programs(0)
@@ -326,20 +325,15 @@ def selection_fwd_kernel(
         b_o = b_o * b_a[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
         b_m = b_mn
 
-    # Whether a row attends anything comes from the selection, not from the values: a NaN
-    # score gives a NaN row (and lse), not an empty one. The rows that attend a non-finite
-    # key or value (zeroed before the kernel) were found in XLA: the kernel is that of
-    # finite inputs but for this load.
-    b_state = tl.load(state + t_r * H + i_h, mask=m_r, other=0)
-    b_has = (b_state & 1) != 0
-    b_nan = (b_state & 2) != 0
-    b_o = tl.where(b_has[:, None], b_o / tl.where(b_has, b_l, 1.0)[:, None], 0.0)
-    b_o = tl.where(b_nan[:, None], float("nan"), b_o)
+    # Keys and values are finite parts: a row that attends no key keeps l = 0 (o = 0, lse =
+    # -inf) whatever the values hold, a NaN query makes l NaN (o and lse NaN). Any other
+    # work here, even a flag load per row in this epilogue, cost the forward ~5% at 64K.
+    b_has = b_l != 0
+    b_o = b_o / tl.where(b_has, b_l, 1.0)[:, None]
     tl.store(o + row0 * V + o_row[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty),
              mask=m_r[:, None] & m_v[None, :])
     if i_v == 0:
         b_lse = tl.where(b_has, (b_m + tl.log2(tl.where(b_has, b_l, 1.0))) / LOG2E, float("-inf"))
-        b_lse = tl.where(b_nan, float("nan"), b_lse)
         tl.store(lse + row0 + o_row, b_lse, mask=m_r)
 
 
@@ -536,31 +530,40 @@ def _dims(query, key, value):
     return batch, seq_len, hq, heads, hq // heads, dk, dv
 
 
-def row_states(starts, block_size: int, query_keys, bad) -> jax.Array:
-    """int8 [B, TQ, H]: bit 0 where the query has a valid entry (`block_starts` [B, TQ, H, S]
-    != SENT), bit 1 where one of its selected keys (those of a block up to its own key
-    query_keys [B, TQ], global) is flagged in `bad` ([B, TK, H], `bad_keys`): two lookups
-    per entry in the running count."""
+def rows_with_bad_keys(starts, block_size: int, query_keys, bad) -> tuple[jax.Array, jax.Array]:
+    """(has, bad_rows), bool [B, TQ, H]: whether the query has a valid entry (`block_starts`
+    [B, TQ, H, S] != SENT), and whether one of its selected keys (those of a block up to its
+    own key query_keys [B, TQ], global) is flagged in `bad` ([B, TK, H], `bad_keys`): two
+    lookups per entry in the running count."""
     valid = starts != SENT
     counts = bad_counts(bad)  # [B * TK + 1, H]
     first = jnp.where(valid, starts, 0)
     end = jnp.where(valid, jnp.minimum(starts + block_size, query_keys[:, :, None, None] + 1), 0)
     h = jnp.arange(starts.shape[2], dtype=jnp.int32)[None, None, :, None]
-    hit = jnp.any(valid & (counts[end, h] > counts[first, h]), axis=-1)
-    return (jnp.any(valid, axis=-1).astype(jnp.int8) | (hit.astype(jnp.int8) << 1)).astype(jnp.int8)
+    return jnp.any(valid, axis=-1), jnp.any(valid & (counts[end, h] > counts[first, h]), axis=-1)
 
 
-def _forward(query, key, value, state, qkey, tiles, plan: TilePlan, block_size: int, scale: float,
-             cfg: SelectionFwdConfig):
-    """(o, lse natural log) over the tile unions `tiles`; state int8 [B, TQ, H] from
-    `row_states`; qkey: None (TQ == TK) or `_query_keys`."""
+def _marked(o, lse, key, value, block_indices, block_counts, cu_seqlens, block_size: int):
+    """The kernels' o and lse with NaN at the rows that attend a non-finite key or value of
+    the original key and value (or that have keys but found no weight: an infinite query)."""
+    batch, num_queries, num_keys = o.shape[0], o.shape[1], key.shape[1]
+    starts = block_starts(block_indices, block_counts, block_size, cu_seqlens, num_keys)
+    qkey = _query_keys(cu_seqlens, batch, num_queries, num_keys, block_size)
+    keys = jnp.arange(batch * num_queries, dtype=jnp.int32) if qkey is None else qkey
+    has, bad_rows = rows_with_bad_keys(starts, block_size, keys.reshape(batch, -1), bad_keys(key, value))
+    return mark_rows_nan(o, lse, bad_rows, has)
+
+
+def _forward(query, key, value, qkey, tiles, plan: TilePlan, block_size: int, scale: float, cfg: SelectionFwdConfig):
+    """(o, lse natural log) over the tile unions `tiles`; qkey: None (TQ == TK) or
+    `_query_keys`."""
     union, count, mult = tiles
     batch, seq_len, hq, heads, group, dk, dv = _dims(query, key, value)
     ntt = cdiv(seq_len, plan.bt)
     bv = min(cfg.block_v, head_tile(dv))
     return triton_call(
-        query, key, value, state,
-        state if qkey is None else qkey, union, count, mult,  # (state: a placeholder pointer, never read)
+        query, key, value,
+        count if qkey is None else qkey, union, count, mult,  # (count: a placeholder pointer, never read)
         seq_len, ntt, log2_scale(scale),
         kernel=selection_fwd_kernel,
         out_shape=(jax.ShapeDtypeStruct(query.shape[:3] + (dv,), query.dtype),
@@ -649,20 +652,18 @@ def _query_keys(cu_seqlens, batch: int, num_queries: int, num_keys: int, block_s
     return (jnp.arange(batch, dtype=jnp.int32)[:, None] * num_keys + key[None, :]).reshape(-1)
 
 
-def _selected_forward(query, key, value, bad, block_indices, block_counts, cu_seqlens, block_size, scale, cfg):
+def _selected_forward(query, key, value, block_indices, block_counts, cu_seqlens, block_size, scale, cfg):
     group = query.shape[2] // key.shape[2]
     plan = TilePlan.make(group, cfg.fwd.rows)
 
-    def launch(q, k, v, bad, bi, bc, cu):
+    def launch(q, k, v, bi, bc, cu):
         batch, num_keys = q.shape[0], k.shape[1]
         starts = block_starts(bi, bc, block_size, cu, num_keys)
         qkey = _query_keys(cu, batch, q.shape[1], num_keys, block_size)
-        keys = (jnp.arange(batch * q.shape[1], dtype=jnp.int32) if qkey is None else qkey).reshape(batch, -1)
-        return _forward(q, k, v, row_states(starts, block_size, keys, bad), qkey, tile_union(starts, plan.bt), plan,
-                        block_size, scale, cfg.fwd)
+        return _forward(q, k, v, qkey, tile_union(starts, plan.bt), plan, block_size, scale, cfg.fwd)
 
-    layouts = ("b.q.", "b.h.", "b.h.", "b.h", "b.h.", "b.h", None)
-    return launcher(launch, layouts, ("b.q.", "b.q"))(query, key, value, bad, block_indices, block_counts, cu_seqlens)
+    layouts = ("b.q.", "b.h.", "b.h.", "b.h.", "b.h", None)
+    return launcher(launch, layouts, ("b.q.", "b.q"))(query, key, value, block_indices, block_counts, cu_seqlens)
 
 
 def _selected_backward(query, key, value, block_indices, block_counts, cu_seqlens, o, lse, do, block_size, scale,
@@ -690,23 +691,23 @@ def _selected_backward(query, key, value, block_indices, block_counts, cu_seqlen
                                                                cu_seqlens, o, lse, do.astype(query.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _selected(query, key, value, bad, block_indices, block_counts, cu_seqlens, block_size, scale, cfg):
-    return _selected_forward(query, key, value, bad, block_indices, block_counts, cu_seqlens, block_size, scale,
-                             cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _selected(query, key, value, block_indices, block_counts, cu_seqlens, block_size, scale, cfg):
+    """(o, lse) of the kernels; differentiable through o (lse's cotangent is dropped: it
+    leaves `selected_attention` only through a comparison, or stopped)."""
+    return _selected_forward(query, key, value, block_indices, block_counts, cu_seqlens, block_size, scale, cfg)
 
 
-def _selected_fwd(query, key, value, bad, block_indices, block_counts, cu_seqlens, block_size, scale, cfg):
-    o, lse = _selected_forward(query, key, value, bad, block_indices, block_counts, cu_seqlens, block_size, scale,
-                               cfg)
-    return o, (query, key, value, block_indices, block_counts, cu_seqlens, o, lse)
+def _selected_fwd(query, key, value, block_indices, block_counts, cu_seqlens, block_size, scale, cfg):
+    o, lse = _selected_forward(query, key, value, block_indices, block_counts, cu_seqlens, block_size, scale, cfg)
+    return (o, lse), (query, key, value, block_indices, block_counts, cu_seqlens, o, lse)
 
 
-def _selected_bwd(block_size, scale, cfg, res, do):
+def _selected_bwd(block_size, scale, cfg, res, cotangents):
     query, key, value, block_indices, block_counts, cu_seqlens, o, lse = res
-    dq, dk, dv = _selected_backward(query, key, value, block_indices, block_counts, cu_seqlens, o, lse, do,
+    dq, dk, dv = _selected_backward(query, key, value, block_indices, block_counts, cu_seqlens, o, lse, cotangents[0],
                                     block_size, scale, cfg)
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None
 
 
 _selected.defvjp(_selected_fwd, _selected_bwd)
@@ -729,13 +730,12 @@ def selected_attention(query, key, value, block_indices, block_counts, block_siz
         block_counts = block_counts.astype(jnp.int32)
     if cu_seqlens is not None:
         cu_seqlens = jax.tree.map(lambda cu: cu.astype(jnp.int32), cu_seqlens)
-    # The kernels compute with the finite parts of key and value; the forward marks the
-    # rows that attend a non-finite one NaN (docs/semantics.md, "Bad values").
-    args = (query, finite_part(key), finite_part(value), bad_keys(key, value), block_indices, block_counts, cu_seqlens,
-            block_size, float(softmax_scale), config)
-    if return_lse:
-        return _selected_forward(*args)
-    return _selected(*args)
+    # The kernels compute with the finite parts of key and value; the rows that attend a
+    # non-finite one are marked NaN after them (docs/semantics.md, "Bad values").
+    o, lse = _selected(query, finite_part(key), finite_part(value), block_indices, block_counts, cu_seqlens,
+                       block_size, float(softmax_scale), config)
+    o, lse = _marked(o, lse, key, value, block_indices, block_counts, cu_seqlens, block_size)
+    return (o, jax.lax.stop_gradient(lse)) if return_lse else o
 
 
 @kernel_registry.register("apply_native_sparse_attention", Platform.TRITON, Backend.GPU)

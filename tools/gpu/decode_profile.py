@@ -5,10 +5,6 @@ step, the span per step, and the kernels that take the most.
 
     python3 tools/gpu/decode_profile.py        # traces under $OUT (or /tmp)
 """
-import collections
-import glob
-import gzip
-import json
 import os
 import sys
 
@@ -17,6 +13,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
 from _common import batched_ms, log
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _trace import gpu_times
 import ejnsa
 HQ, H, D, l, S, w = 64, 4, 128, 64, 16, 512
 dt = jnp.bfloat16
@@ -41,25 +39,9 @@ for B, C in [(8, 65536), (64, 65536), (1, 524288)]:
             o, st["c"] = js(st["c"], q, k1, v1, *g)
             return o
         log(f"B={B} C={C} {plat} batched {batched_ms(one):.4f} ms")
-        d = f"{out}/trace_{B}_{C}_{plat}"
-        jax.block_until_ready(one())
-        with jax.profiler.trace(d, create_perfetto_trace=True):
-            for _ in range(10):
-                o = one()
-            jax.block_until_ready(o)
+        per, busy, span = gpu_times(lambda: one(), (), 10, f"{out}/trace_{B}_{C}_{plat}")
         cache = st["c"]
-        f = glob.glob(f"{d}/**/*perfetto_trace.json.gz", recursive=True)
-        if not f:
-            log("no trace", glob.glob(f"{d}/**/*", recursive=True)); continue
-        ev = json.load(gzip.open(f[0]))
-        ev = ev["traceEvents"] if isinstance(ev, dict) else ev
-        pname = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
-        gpu = [e for e in ev if e.get("ph") == "X" and "GPU" in pname.get(e.get("pid"), "") and "dur" in e]
-        tot = collections.defaultdict(float); cnt = collections.Counter()
-        for e in gpu:
-            tot[e["name"][:60]] += e["dur"]; cnt[e["name"][:60]] += 1
-        ts = sorted(e["ts"] for e in gpu)
-        log(f"  gpu events {len(gpu)}, kernel time per step {sum(tot.values())/10:.1f} us, span per step {(ts[-1]-ts[0])/10 if ts else 0:.1f} us")
-        for n, t in sorted(tot.items(), key=lambda x: -x[1])[:14]:
-            log(f"    {t/10:8.2f} us  x{cnt[n]/10:.1f}  {n}")
+        log(f"  kernel time per step {busy:.1f} us, span per step {span:.1f} us")
+        for n, (t, c) in sorted(per.items(), key=lambda x: -x[1][0])[:14]:
+            log(f"    {t:8.2f} us  x{c:.1f}  {n}")
     del cache

@@ -34,7 +34,6 @@ def main():
 
     import ejnsa
     from ejnsa.triton import band
-    from ejnsa.triton._common import bad_keys
     from ejnsa.triton.compression import CompressionIntervals
     from ejnsa.triton.window import WindowIntervals
 
@@ -56,13 +55,12 @@ def main():
         log(json.dumps(row))
 
     for name, (kk, vv, iv, splits) in cases.items():
-        bad = band.rows_seeing_bad_keys(bad_keys(kk, vv), iv)  # no key is bad here: all 0
         default = band.BandFwdConfig.default(D, D, jnp.bfloat16)
-        o, lse = jax.jit(lambda q, kk, vv: band.band_forward(q, kk, vv, bad, iv, scale, default))(q, kk, vv)
+        o, lse = jax.jit(lambda q, kk, vv: band.band_forward(q, kk, vv, iv, scale, default))(q, kk, vv)
         delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
         for m, n, w, s in FWD:
             cfg = band.BandFwdConfig(block_m=m, block_n=n, num_warps=w, num_stages=s)
-            f = jax.jit(lambda q, kk, vv, cfg=cfg: band.band_forward(q, kk, vv, bad, iv, scale, cfg))
+            f = jax.jit(lambda q, kk, vv, cfg=cfg: band.band_forward(q, kk, vv, iv, scale, cfg))
             record(op=name, kernel="fwd", config=repr(cfg), ms=round(median_ms(f, q, kk, vv, reps=10), 3))
         for m, n, w, s in DQ:
             cfg = band.BandDqConfig(block_m=m, block_n=n, num_warps=w, num_stages=s)
