@@ -8,7 +8,9 @@ value [1, T, ...]), the work of the last chunk of a chunked prefill. Forward onl
 prefill computes no gradients), jitted, in one process; the ratio compares the time per
 query token: (chunk ms / C) / (full ms / T). A chunk's queries are the prompt's last ones,
 which see the most keys under the causal band and compression, so the ratio is at worst
-what a whole chunked prefill pays.
+what a whole chunked prefill pays. `whole` is that whole prefill: the T / C calls of chunk
+i (queries i*C .. (i+1)*C - 1, keys 0 .. (i+1)*C - 1), each timed, summed (for up to
+--max-whole chunks); its ratio to `full` is the per-token ratio of a real chunked prefill.
 
     python benchmarks/bench_prefill.py                 # on the GPU
     python benchmarks/bench_prefill.py --T 65536 --chunks 4096
@@ -57,19 +59,29 @@ def run(args) -> dict:
             if ms is not None and full is not None:
                 row["per_token_ratio"] = (ms / C) / (full / T)
             log(f"  T={T} C={C}: chunk {ms} ms, per query token chunk / full {row.get('per_token_ratio')}")
+            if T % C == 0 and T // C <= args.max_whole:
+                def whole():
+                    part = lambda x, i: x[:, i * C:(i + 1) * C]  # noqa: E731
+                    return sum(batched_ms(nsa, part(q, i), k[:, :(i + 1) * C], v[:, :(i + 1) * C],
+                                          *(part(g, i) for g in gates), reps=3) for i in range(T // C))
+                total = guarded(row, "whole_ms", whole)
+                if total is not None and full is not None:
+                    row["whole_ratio"] = total / full
+                log(f"  T={T} C={C}: whole chunked prefill {total} ms, / full {row.get('whole_ratio')}")
     return res
 
 
 def summarize(res) -> str:
     lines = [f"{'T':>7s} {'chunk':>6s} {'full ms':>9s} {'chunk ms':>9s} {'us/token full':>14s} "
-             f"{'us/token chunk':>15s} {'ratio':>6s}"]
+             f"{'us/token chunk':>15s} {'ratio':>6s} {'whole ms':>9s} {'whole / full':>13s}"]
     f = lambda x, p=3: f"{x:.{p}f}" if isinstance(x, float) else "-"  # noqa: E731
     for r in res["rows"]:
         full, chunk = r.get("full_ms"), r.get("chunk_ms")
         per_full = full * 1e3 / r["T"] if isinstance(full, float) else None
         per_chunk = chunk * 1e3 / r["chunk"] if isinstance(chunk, float) else None
         lines.append(f"{r['T']:7d} {r['chunk']:6d} {f(full):>9s} {f(chunk):>9s} {f(per_full, 4):>14s} "
-                     f"{f(per_chunk, 4):>15s} {f(r.get('per_token_ratio'), 2):>6s}")
+                     f"{f(per_chunk, 4):>15s} {f(r.get('per_token_ratio'), 2):>6s} {f(r.get('whole_ms')):>9s} "
+                     f"{f(r.get('whole_ratio'), 2):>13s}")
     return "\n".join(lines)
 
 
@@ -78,6 +90,7 @@ def main() -> None:
     p.add_argument("--T", type=int, nargs="+", default=LENGTHS, help="prompt lengths")
     p.add_argument("--chunks", type=int, nargs="+", default=CHUNKS, help="query chunk lengths")
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--max-whole", type=int, default=16, help="most chunks of a timed whole chunked prefill")
     p.add_argument("--platform", default=None)
     p.add_argument("--out", help="JSON file (default $OUT/bench_prefill.json when $OUT is set)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")

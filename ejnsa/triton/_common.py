@@ -63,12 +63,18 @@ def bad_counts(bad: jax.Array) -> jax.Array:
 
 def mark_rows_nan(o: jax.Array, lse: jax.Array, bad_rows: jax.Array, has_keys: jax.Array):
     """A forward kernel's o [B, T, HQ, V] and lse [B, T, HQ] with NaN where the row is NaN
-    (docs/semantics.md, "Bad values"): `bad_rows` (bool [B, T, H]: it attends a non-finite
-    key or value, which the kernel saw as 0) or `has_keys` (bool, broadcastable to [B, T, H]:
-    it sees at least one key) while the kernel found no weight (lse = -inf: an infinite query entry). Each KV head's mark
-    covers its G query heads. A `jnp.where` after the kernel, not in it: XLA fuses it into
-    whatever reads o next (the gates' sum), the kernel stays that of finite inputs, and a
-    marked row passes no gradient back."""
-    group = o.shape[2] // bad_rows.shape[2]
-    nan = jnp.repeat(bad_rows, group, axis=2) | (jnp.repeat(jnp.broadcast_to(has_keys, bad_rows.shape), group, axis=2) & (lse == -jnp.inf))
+    (docs/semantics.md, "Bad values"): `bad_rows` (bool [B, T, HQ]: it attends a non-finite
+    key or value, which the kernel saw as 0) or `has_keys` (bool [B, T, HQ]: it sees at
+    least one key) while the kernel found no weight (lse = -inf: an infinite query entry).
+    A `jnp.where` after the kernel, not in it: XLA fuses it into whatever reads o next (the
+    gates' sum), the kernel stays that of finite inputs, and a marked row passes no
+    gradient back."""
+    nan = bad_rows | (has_keys & (lse == -jnp.inf))
     return jnp.where(nan[..., None], jnp.asarray(jnp.nan, o.dtype), o), jnp.where(nan, jnp.nan, lse)
+
+
+def per_query_head(rows: jax.Array, group: int) -> jax.Array:
+    """[B, T, H] -> [B, T, H * group]: each KV head's entry for its query heads. Inside a
+    launcher only (on a shard, heads agree); outside, the reshape would tie query heads to
+    KV heads and let a query-head sharding that H does not divide propagate as sub-axes."""
+    return jnp.repeat(rows, group, axis=2)

@@ -68,7 +68,7 @@ import triton.language as tl
 
 from ._call import triton_call
 from .._varlen import segment_tiles
-from ._common import bad_counts, bad_keys, dot_precision, finite_part, head_tile, log2_scale, mark_rows_nan
+from ._common import bad_counts, bad_keys, dot_precision, finite_part, head_tile, log2_scale, mark_rows_nan, per_query_head
 from ._shard import launcher
 
 LN2 = math.log(2.0)
@@ -611,8 +611,17 @@ def band_attention(intervals: IntervalsFn, softmax_scale: float, configs: BandCo
     originals) are then marked NaN (docs/semantics.md, "Bad values").
     """
     o, lse = _band(intervals, softmax_scale, configs, query, finite_part(key), finite_part(value), cu_seqlens)
-    iv = intervals(cu_seqlens, query.shape[1], key.shape[1])
-    return mark_rows_nan(o, lse, rows_seeing_bad_keys(bad_keys(key, value), iv), (iv.khi > iv.klo)[None, :, None])
+    num_queries, group = query.shape[1], query.shape[2] // key.shape[2]
+
+    def rows(k, v, cu):  # per shard, as the kernels (the running count would gather across them)
+        iv = intervals(cu, num_queries, k.shape[1])
+        bad = rows_seeing_bad_keys(bad_keys(k, v), iv)
+        has = jnp.broadcast_to((iv.khi > iv.klo)[None, :, None], bad.shape)
+        return per_query_head(bad, group), per_query_head(has, group)
+
+    bad_rows, has_keys = launcher(rows, ("b.h.", "b.h.", None), ("b.q", "b.q"))(
+        *map(jax.lax.stop_gradient, (key, value)), cu_seqlens)
+    return mark_rows_nan(o, lse, bad_rows, has_keys)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))

@@ -332,25 +332,29 @@ def decode_attend_kernel(
 def _merge(m_in, l_in, acc_in, head, n0, n1, NP, c0, V: tl.constexpr, GP: tl.constexpr, BVC: tl.constexpr,
            BP: tl.constexpr):
     """(sum [GP], weighted sum [GP, BVC] of value columns c0 + [0, BVC)) of the softmax
-    partials n0 .. n1 - 1 of the NP per (row, KV head), brought to one scale."""
+    partials n0 .. n1 - 1 of the NP per (row, KV head), brought to one scale: one pass,
+    rescaled as the running max grows (a pass is a round trip to memory, and the combine
+    launch is a chain of them)."""
     o_g = tl.arange(0, GP)
     o_c = c0 + tl.arange(0, BVC)
     o_p = tl.arange(0, BP)
     m = tl.full([GP], float("-inf"), tl.float32)
-    for i in range(n0, n1, BP):  # the running max first: the partials' common scale
-        p = (head * NP + i + o_p)[:, None] * GP + o_g[None, :]
-        m = tl.maximum(m, tl.max(tl.load(m_in + p, mask=(i + o_p < n1)[:, None], other=float("-inf")), 0))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
     b_l = tl.zeros([GP], tl.float32)
     b_acc = tl.zeros([GP, BVC], tl.float32)
     for i in range(n0, n1, BP):
         m_i = i + o_p < n1
         p = (head * NP + i + o_p)[:, None] * GP + o_g[None, :]
-        w = tl.math.exp2(tl.load(m_in + p, mask=m_i[:, None], other=float("-inf")) - m_safe[None, :])  # [BP, GP]
-        b_l += tl.sum(w * tl.load(l_in + p, mask=m_i[:, None], other=0.0), 0)
+        b_m = tl.load(m_in + p, mask=m_i[:, None], other=float("-inf"))  # [BP, GP]
+        l_i = tl.load(l_in + p, mask=m_i[:, None], other=0.0)
         a = tl.load(acc_in + p[:, :, None] * V + o_c[None, None, :],
                     mask=m_i[:, None, None] & (o_c < V)[None, None, :], other=0.0)  # [BP, GP, BVC]
-        b_acc += tl.sum(w[:, :, None] * a, 0)
+        m_new = tl.maximum(m, tl.max(b_m, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m - m_safe)  # 0 while nothing was seen (m = -inf)
+        w = tl.math.exp2(b_m - m_safe[None, :])
+        b_l = b_l * alpha + tl.sum(w * l_i, 0)
+        b_acc = b_acc * alpha[:, None] + tl.sum(w[:, :, None] * a, 0)
+        m = m_new
     return b_l, b_acc
 
 
@@ -504,12 +508,14 @@ def _launch(q, k, v, kc, vc, gc, gs, gw, start, num_new, counts, *, num_slots, b
         S=S, SPP=spp, NSEL=nsel, WU=wu, BW=bw, GP=GP, BK=BK, BV=BV, HAS_COUNTS=has_counts, PREC=prec, **heads,
     )
     BVC = min(32, BV)
+    # The combine is a chain of round trips to memory: occupancy hides them. Eight partials
+    # per step keep it at 128 registers (sm_90, four programs per SM; sixteen took 200).
     return triton_call(
         q, gc, gs, gw, start, num_new, NB, cm, cl, cacc, cflag, am, al, aacc, aflag, NS, nu,
         kernel=decode_combine_kernel,
         out_shape=sds((B, 1, HQ, V), out_dtype),
         grid=(cdiv(V, BVC), H, B), num_warps=4, name="ejnsa_decode_combine",
-        NSEL=nsel, GP=GP, BK=BK, BVC=BVC, BP=min(16, _pow2(max(NS, nu))), NSP=_pow2(NS), WITH_CMP=with_cmp, GATED_SLC=gated_slc,
+        NSEL=nsel, GP=GP, BK=BK, BVC=BVC, BP=min(8, _pow2(max(NS, nu))), NSP=_pow2(NS), WITH_CMP=with_cmp, GATED_SLC=gated_slc,
         WINDOW=w > 0, **heads,
     )
 

@@ -58,7 +58,7 @@ import triton.language as tl
 from .._registry import Backend, Platform, kernel_registry
 from .._varlen import cdiv, key_cu, token_info
 from ._call import triton_call
-from ._common import LOG2E, bad_counts, bad_keys, dot_precision, finite_part, head_tile, log2_scale, mark_rows_nan
+from ._common import LOG2E, bad_counts, bad_keys, dot_precision, finite_part, head_tile, log2_scale, mark_rows_nan, per_query_head
 from ._shard import launcher
 from .selection_index import SENT, block_rows, block_starts, tile_union, token_lists, token_segment
 
@@ -546,11 +546,19 @@ def rows_with_bad_keys(starts, block_size: int, query_keys, bad) -> tuple[jax.Ar
 def _marked(o, lse, key, value, block_indices, block_counts, cu_seqlens, block_size: int):
     """The kernels' o and lse with NaN at the rows that attend a non-finite key or value of
     the original key and value (or that have keys but found no weight: an infinite query)."""
-    batch, num_queries, num_keys = o.shape[0], o.shape[1], key.shape[1]
-    starts = block_starts(block_indices, block_counts, block_size, cu_seqlens, num_keys)
-    qkey = _query_keys(cu_seqlens, batch, num_queries, num_keys, block_size)
-    keys = jnp.arange(batch * num_queries, dtype=jnp.int32) if qkey is None else qkey
-    has, bad_rows = rows_with_bad_keys(starts, block_size, keys.reshape(batch, -1), bad_keys(key, value))
+    num_queries, group = o.shape[1], o.shape[2] // key.shape[2]
+
+    def rows(k, v, bi, bc, cu):  # per shard, as the kernels (the running count would gather across them)
+        batch, num_keys = k.shape[0], k.shape[1]
+        starts = block_starts(bi, bc, block_size, cu, num_keys)
+        qkey = _query_keys(cu, batch, num_queries, num_keys, block_size)
+        keys = jnp.arange(batch * num_queries, dtype=jnp.int32) if qkey is None else qkey
+        has, bad = rows_with_bad_keys(starts, block_size, keys.reshape(batch, -1), bad_keys(k, v))
+        return per_query_head(has, group), per_query_head(bad, group)
+
+    layouts = ("b.h.", "b.h.", "b.h.", "b.h", None)
+    has, bad_rows = launcher(rows, layouts, ("b.q", "b.q"))(*map(jax.lax.stop_gradient, (key, value)), block_indices,
+                                                            block_counts, cu_seqlens)
     return mark_rows_nan(o, lse, bad_rows, has)
 
 
