@@ -36,6 +36,9 @@ def pytest_addoption(parser):
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--gpu"):
         return
+    # The multi-device run (a subprocess of several minutes) goes first: under xdist the
+    # other worker runs the rest meanwhile, instead of everyone waiting on it at the end.
+    items.sort(key=lambda item: item.name != "test_multidevice")
     skip = pytest.mark.skip(reason="needs --gpu (a CUDA GPU with jax-triton)")
     for item in items:
         if "gpu" in item.keywords:

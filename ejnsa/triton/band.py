@@ -610,36 +610,37 @@ def band_attention(intervals: IntervalsFn, softmax_scale: float, configs: BandCo
     forward or the backward; the rows that see a non-finite one (`bad_keys` of the
     originals) are then marked NaN (docs/semantics.md, "Bad values").
     """
-    o, lse = _band(intervals, softmax_scale, configs, query, finite_part(key), finite_part(value), cu_seqlens)
-    num_queries, group = query.shape[1], query.shape[2] // key.shape[2]
-
-    def rows(k, v, cu):  # per shard, as the kernels (the running count would gather across them)
-        iv = intervals(cu, num_queries, k.shape[1])
-        bad = rows_seeing_bad_keys(bad_keys(k, v), iv)
-        has = jnp.broadcast_to((iv.khi > iv.klo)[None, :, None], bad.shape)
-        return per_query_head(bad, group), per_query_head(has, group)
-
-    bad_rows, has_keys = launcher(rows, ("b.h.", "b.h.", None), ("b.q", "b.q"))(
-        *map(jax.lax.stop_gradient, (key, value)), cu_seqlens)
+    o, lse, bad_rows, has_keys = _band(intervals, softmax_scale, configs, query, finite_part(key),
+                                       finite_part(value), bad_keys(key, value), cu_seqlens)
     return mark_rows_nan(o, lse, bad_rows, has_keys)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _band(intervals, softmax_scale, configs, query, key, value, cu_seqlens):
-    return _band_fwd(intervals, softmax_scale, configs, query, key, value, cu_seqlens)[0]
+def _band(intervals, softmax_scale, configs, query, key, value, bad, cu_seqlens):
+    """(o, lse, bad rows, has keys) of the kernels; the rows (bool [B, T, HQ], for
+    `mark_rows_nan`) are found in the same launcher, per shard (on a mesh the running
+    count of flagged keys would otherwise gather across devices)."""
+    return _band_fwd(intervals, softmax_scale, configs, query, key, value, bad, cu_seqlens)[0]
 
 
-def _band_fwd(intervals, softmax_scale, configs, query, key, value, cu_seqlens):
-    def launch(q, k, v, cu):
-        return band_forward(q, k, v, intervals(cu, q.shape[1], k.shape[1]), softmax_scale, configs.fwd)
+def _band_fwd(intervals, softmax_scale, configs, query, key, value, bad, cu_seqlens):
+    group = query.shape[2] // key.shape[2]
 
-    o, lse2 = launcher(launch, ("b.q.", "b.h.", "b.h.", None), ("b.q.", "b.q"))(query, key, value, cu_seqlens)
-    return (o, lse2 * LN2), (query, key, value, o, lse2, cu_seqlens)
+    def launch(q, k, v, bad, cu):
+        iv = intervals(cu, q.shape[1], k.shape[1])
+        o, lse2 = band_forward(q, k, v, iv, softmax_scale, configs.fwd)
+        rows = rows_seeing_bad_keys(bad, iv)
+        has = jnp.broadcast_to((iv.khi > iv.klo)[None, :, None], rows.shape)
+        return o, lse2, per_query_head(rows, group), per_query_head(has, group)
+
+    layouts = ("b.q.", "b.h.", "b.h.", "b.h", None)
+    o, lse2, rows, has = launcher(launch, layouts, ("b.q.", "b.q", "b.q", "b.q"))(query, key, value, bad, cu_seqlens)
+    return (o, lse2 * LN2, rows, has), (query, key, value, o, lse2, cu_seqlens)
 
 
 def _band_bwd(intervals, softmax_scale, configs, res, cotangents):
     query, key, value, o, lse2, cu_seqlens = res
-    do, dlse = cotangents
+    do, dlse = cotangents[:2]
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1) - dlse.astype(jnp.float32)
 
     def launch(q, k, v, do, lse2, delta, cu):
@@ -651,7 +652,7 @@ def _band_bwd(intervals, softmax_scale, configs, res, cotangents):
     layouts = ("b.q.", "b.h.", "b.h.", "b.q.", "b.q", "b.q", None)
     dq, dk, dv = launcher(launch, layouts, ("b.q.", "b.h.", "b.h."))(query, key, value, do.astype(query.dtype), lse2,
                                                                    delta, cu_seqlens)
-    return dq, dk, dv, None
+    return dq, dk, dv, None, None
 
 
 _band.defvjp(_band_fwd, _band_bwd)

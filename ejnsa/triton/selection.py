@@ -543,25 +543,6 @@ def rows_with_bad_keys(starts, block_size: int, query_keys, bad) -> tuple[jax.Ar
     return jnp.any(valid, axis=-1), jnp.any(valid & (counts[end, h] > counts[first, h]), axis=-1)
 
 
-def _marked(o, lse, key, value, block_indices, block_counts, cu_seqlens, block_size: int):
-    """The kernels' o and lse with NaN at the rows that attend a non-finite key or value of
-    the original key and value (or that have keys but found no weight: an infinite query)."""
-    num_queries, group = o.shape[1], o.shape[2] // key.shape[2]
-
-    def rows(k, v, bi, bc, cu):  # per shard, as the kernels (the running count would gather across them)
-        batch, num_keys = k.shape[0], k.shape[1]
-        starts = block_starts(bi, bc, block_size, cu, num_keys)
-        qkey = _query_keys(cu, batch, num_queries, num_keys, block_size)
-        keys = jnp.arange(batch * num_queries, dtype=jnp.int32) if qkey is None else qkey
-        has, bad = rows_with_bad_keys(starts, block_size, keys.reshape(batch, -1), bad_keys(k, v))
-        return per_query_head(has, group), per_query_head(bad, group)
-
-    layouts = ("b.h.", "b.h.", "b.h.", "b.h", None)
-    has, bad_rows = launcher(rows, layouts, ("b.q", "b.q"))(*map(jax.lax.stop_gradient, (key, value)), block_indices,
-                                                            block_counts, cu_seqlens)
-    return mark_rows_nan(o, lse, bad_rows, has)
-
-
 def _forward(query, key, value, qkey, tiles, plan: TilePlan, block_size: int, scale: float, cfg: SelectionFwdConfig):
     """(o, lse natural log) over the tile unions `tiles`; qkey: None (TQ == TK) or
     `_query_keys`."""
@@ -660,18 +641,25 @@ def _query_keys(cu_seqlens, batch: int, num_queries: int, num_keys: int, block_s
     return (jnp.arange(batch, dtype=jnp.int32)[:, None] * num_keys + key[None, :]).reshape(-1)
 
 
-def _selected_forward(query, key, value, block_indices, block_counts, cu_seqlens, block_size, scale, cfg):
+def _selected_forward(query, key, value, bad, block_indices, block_counts, cu_seqlens, block_size, scale, cfg):
+    """(o, lse, has keys, bad rows): the kernel's outputs and, from the same launcher (per
+    shard: on a mesh the running count of flagged keys would otherwise gather across
+    devices), the rows for `mark_rows_nan`, bool [B, TQ, HQ]."""
     group = query.shape[2] // key.shape[2]
     plan = TilePlan.make(group, cfg.fwd.rows)
 
-    def launch(q, k, v, bi, bc, cu):
-        batch, num_keys = q.shape[0], k.shape[1]
+    def launch(q, k, v, bad, bi, bc, cu):
+        batch, num_queries, num_keys = q.shape[0], q.shape[1], k.shape[1]
         starts = block_starts(bi, bc, block_size, cu, num_keys)
-        qkey = _query_keys(cu, batch, q.shape[1], num_keys, block_size)
-        return _forward(q, k, v, qkey, tile_union(starts, plan.bt), plan, block_size, scale, cfg.fwd)
+        qkey = _query_keys(cu, batch, num_queries, num_keys, block_size)
+        o, lse = _forward(q, k, v, qkey, tile_union(starts, plan.bt), plan, block_size, scale, cfg.fwd)
+        keys = jnp.arange(batch * num_queries, dtype=jnp.int32) if qkey is None else qkey
+        has, rows = rows_with_bad_keys(starts, block_size, keys.reshape(batch, -1), bad)
+        return o, lse, per_query_head(has, group), per_query_head(rows, group)
 
-    layouts = ("b.q.", "b.h.", "b.h.", "b.h.", "b.h", None)
-    return launcher(launch, layouts, ("b.q.", "b.q"))(query, key, value, block_indices, block_counts, cu_seqlens)
+    layouts = ("b.q.", "b.h.", "b.h.", "b.h", "b.h.", "b.h", None)
+    return launcher(launch, layouts, ("b.q.", "b.q", "b.q", "b.q"))(query, key, value, bad, block_indices,
+                                                                   block_counts, cu_seqlens)
 
 
 def _selected_backward(query, key, value, block_indices, block_counts, cu_seqlens, o, lse, do, block_size, scale,
@@ -699,23 +687,23 @@ def _selected_backward(query, key, value, block_indices, block_counts, cu_seqlen
                                                                cu_seqlens, o, lse, do.astype(query.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _selected(query, key, value, block_indices, block_counts, cu_seqlens, block_size, scale, cfg):
-    """(o, lse) of the kernels; differentiable through o (lse's cotangent is dropped: it
-    leaves `selected_attention` only through a comparison, or stopped)."""
-    return _selected_forward(query, key, value, block_indices, block_counts, cu_seqlens, block_size, scale, cfg)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _selected(query, key, value, bad, block_indices, block_counts, cu_seqlens, block_size, scale, cfg):
+    """`_selected_forward`, differentiable through o (lse's cotangent is dropped: it leaves
+    `selected_attention` only through a comparison, or stopped)."""
+    return _selected_forward(query, key, value, bad, block_indices, block_counts, cu_seqlens, block_size, scale, cfg)
 
 
-def _selected_fwd(query, key, value, block_indices, block_counts, cu_seqlens, block_size, scale, cfg):
-    o, lse = _selected_forward(query, key, value, block_indices, block_counts, cu_seqlens, block_size, scale, cfg)
-    return (o, lse), (query, key, value, block_indices, block_counts, cu_seqlens, o, lse)
+def _selected_fwd(query, key, value, bad, block_indices, block_counts, cu_seqlens, block_size, scale, cfg):
+    out = _selected_forward(query, key, value, bad, block_indices, block_counts, cu_seqlens, block_size, scale, cfg)
+    return out, (query, key, value, block_indices, block_counts, cu_seqlens, out[0], out[1])
 
 
 def _selected_bwd(block_size, scale, cfg, res, cotangents):
     query, key, value, block_indices, block_counts, cu_seqlens, o, lse = res
     dq, dk, dv = _selected_backward(query, key, value, block_indices, block_counts, cu_seqlens, o, lse, cotangents[0],
                                     block_size, scale, cfg)
-    return dq, dk, dv, None, None, None
+    return dq, dk, dv, None, None, None, None
 
 
 _selected.defvjp(_selected_fwd, _selected_bwd)
@@ -740,9 +728,10 @@ def selected_attention(query, key, value, block_indices, block_counts, block_siz
         cu_seqlens = jax.tree.map(lambda cu: cu.astype(jnp.int32), cu_seqlens)
     # The kernels compute with the finite parts of key and value; the rows that attend a
     # non-finite one are marked NaN after them (docs/semantics.md, "Bad values").
-    o, lse = _selected(query, finite_part(key), finite_part(value), block_indices, block_counts, cu_seqlens,
-                       block_size, float(softmax_scale), config)
-    o, lse = _marked(o, lse, key, value, block_indices, block_counts, cu_seqlens, block_size)
+    o, lse, has, bad_rows = _selected(query, finite_part(key), finite_part(value), bad_keys(key, value),
+                                      block_indices, block_counts, cu_seqlens, block_size, float(softmax_scale),
+                                      config)
+    o, lse = mark_rows_nan(o, lse, bad_rows, has)
     return (o, jax.lax.stop_gradient(lse)) if return_lse else o
 
 
