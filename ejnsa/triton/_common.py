@@ -56,7 +56,7 @@ def bad_counts(bad: jax.Array) -> jax.Array:
     """Running count of `bad_keys` [B, TK, H] over the global keys g = b * TK + j:
     int32 [B * TK + 1, H], entry (g, h) counting the flagged keys before g, so that two
     lookups tell whether a run of keys [g0, g1) holds one (the rows that attend a
-    non-finite key are found this way in XLA, before the kernels)."""
+    non-finite key are found this way in XLA, in the forward launchers beside the kernels)."""
     flat = bad.reshape(-1, bad.shape[-1])
     return jnp.concatenate([jnp.zeros((1, flat.shape[1]), jnp.int32), jnp.cumsum(flat, axis=0, dtype=jnp.int32)])
 

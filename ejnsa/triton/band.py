@@ -68,7 +68,8 @@ import triton.language as tl
 
 from ._call import triton_call
 from .._varlen import segment_tiles
-from ._common import bad_counts, bad_keys, dot_precision, finite_part, head_tile, log2_scale, mark_rows_nan, per_query_head
+from ._common import (bad_counts, bad_keys, dot_precision, finite_part, head_tile, log2_scale, mark_rows_nan,
+                      per_query_head)
 from ._shard import launcher
 
 LN2 = math.log(2.0)

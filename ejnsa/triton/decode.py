@@ -515,8 +515,8 @@ def _launch(q, k, v, kc, vc, gc, gs, gw, start, num_new, counts, *, num_slots, b
         kernel=decode_combine_kernel,
         out_shape=sds((B, 1, HQ, V), out_dtype),
         grid=(cdiv(V, BVC), H, B), num_warps=4, name="ejnsa_decode_combine",
-        NSEL=nsel, GP=GP, BK=BK, BVC=BVC, BP=min(8, _pow2(max(NS, nu))), NSP=_pow2(NS), WITH_CMP=with_cmp, GATED_SLC=gated_slc,
-        WINDOW=w > 0, **heads,
+        NSEL=nsel, GP=GP, BK=BK, BVC=BVC, BP=min(8, _pow2(max(NS, nu))), NSP=_pow2(NS), WITH_CMP=with_cmp,
+        GATED_SLC=gated_slc, WINDOW=w > 0, **heads,
     )
 
 

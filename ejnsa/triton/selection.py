@@ -58,7 +58,8 @@ import triton.language as tl
 from .._registry import Backend, Platform, kernel_registry
 from .._varlen import cdiv, key_cu, token_info
 from ._call import triton_call
-from ._common import LOG2E, bad_counts, bad_keys, dot_precision, finite_part, head_tile, log2_scale, mark_rows_nan, per_query_head
+from ._common import (LOG2E, bad_counts, bad_keys, dot_precision, finite_part, head_tile, log2_scale, mark_rows_nan,
+                      per_query_head)
 from ._shard import launcher
 from .selection_index import SENT, block_rows, block_starts, tile_union, token_lists, token_segment
 

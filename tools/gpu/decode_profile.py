@@ -39,7 +39,7 @@ for B, C in [(8, 65536), (64, 65536), (1, 524288)]:
             o, st["c"] = js(st["c"], q, k1, v1, *g)
             return o
         log(f"B={B} C={C} {plat} batched {batched_ms(one):.4f} ms")
-        per, busy, span = gpu_times(lambda: one(), (), 10, f"{out}/trace_{B}_{C}_{plat}")
+        per, busy, span = gpu_times(one, (), 10, f"{out}/trace_{B}_{C}_{plat}")
         cache = st["c"]
         log(f"  kernel time per step {busy:.1f} us, span per step {span:.1f} us")
         for n, (t, c) in sorted(per.items(), key=lambda x: -x[1][0])[:14]:
