@@ -10,8 +10,11 @@ compressed blocks pooled from them), and one new token per row. Timed, in one pr
 - `dense`: dense decode attention of the same query over the same cache (all C keys of
   each row): `jax.nn.dot_product_attention` with cuDNN where it serves the shape, else
   XLA's (the column says which);
-- both timed back to back (per step, the host never waiting: how a generation loop runs)
-  and one call at a time (`sync` columns: dispatch and the wait for the result included);
+- both timed back to back (per step, the host never waiting: how a Python generation loop
+  runs), one call at a time (`sync` columns: dispatch and the wait for the result
+  included), and `loop`: --loop steps inside one jitted `lax.fori_loop` (how a compiled
+  generation loop runs: no Python dispatch per step), each step's query moved by the
+  last step's output so that no step can be hoisted out of the loop, per step;
 - the bytes floor: the bytes each step must read (NSA: the compressed keys/values of the
   complete blocks, the S selected blocks and the window, per KV head, once for all G query
   heads; dense: every cached key and value) over the copy bandwidth measured here.
@@ -88,13 +91,40 @@ def run(args) -> dict:
         # and one call at a time (dispatch and the wait included), for both.
         guarded(row, "nsa_ms", lambda: batched_ms(one, reps=args.reps))
         guarded(row, "nsa_sync_ms", lambda: median_ms(one, reps=args.reps, warmup=3))
+
+        def looped(body, carry, *consts):
+            """ms per step of args.loop steps of body(carry, q, *consts) -> (o, carry) in one
+            jitted fori_loop (carry donated); the next query is q + o / 1024 (o as q)."""
+            def run_loop(carry, q, *consts):
+                def it(_, cq):
+                    o, c = body(cq[0], cq[1], *consts)
+                    return c, (q + o.astype(q.dtype) / 1024).astype(q.dtype)
+                return jax.lax.fori_loop(0, args.loop, it, (carry, q))
+            f = jax.jit(run_loop, donate_argnums=(0,))
+            box = {"c": carry}
+
+            def call():
+                box["c"], q1 = f(box["c"], q, *consts)
+                return q1
+            ms = batched_ms(call, reps=max(3, args.reps // 4)) / args.loop
+            return ms, box["c"]
+
+        def nsa_loop():
+            ms, state["cache"] = looped(lambda c, q1: step(c, q1, k1, v1, *gates), state["cache"])
+            return ms
+        if args.loop:
+            guarded(row, "nsa_loop_ms", nsa_loop)
         lens = jnp.full((B,), C, jnp.int32)
 
         def dense(impl):
-            f = jax.jit(lambda q, k, v, n: jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=n,
-                                                                        implementation=impl))
+            attend = lambda q, k, v, n: jax.nn.dot_product_attention(  # noqa: E731
+                q, k, v, key_value_seq_lengths=n, implementation=impl)
+            f = jax.jit(attend)
             a = (q, state["cache"].key, state["cache"].value, lens)
             row["dense_sync_ms"] = median_ms(f, *a, reps=args.reps, warmup=3)
+            if args.loop:
+                row["dense_loop_ms"], _ = looped(lambda c, q1, k, v, n: (attend(q1, k, v, n), c),
+                                                 jnp.zeros((), jnp.int32), *a[1:])
             return batched_ms(f, *a, reps=args.reps)
 
         if guarded(row, "dense_ms", lambda: dense("cudnn")) is not None:
@@ -110,6 +140,9 @@ def run(args) -> dict:
         if row.get("nsa_ms") and row.get("dense_ms"):
             row["speedup_vs_dense"] = row["dense_ms"] / row["nsa_ms"]
             row["nsa_over_floor"] = row["nsa_ms"] / row["nsa_floor_ms"]
+        if row.get("nsa_loop_ms") and row.get("dense_loop_ms"):
+            row["loop_speedup_vs_dense"] = row["dense_loop_ms"] / row["nsa_loop_ms"]
+            row["loop_nsa_over_floor"] = row["nsa_loop_ms"] / row["nsa_floor_ms"]
         log(f"  B={B:3d} C={C:7d}: nsa {row.get('nsa_ms')} ms, dense ({row.get('dense_impl')}) {row.get('dense_ms')} ms,"
             f" x dense {row.get('speedup_vs_dense')}, nsa / floor {row.get('nsa_over_floor')}")
         del cache, keys, vals, state
@@ -119,13 +152,16 @@ def run(args) -> dict:
 def summarize(res) -> str:
     lines = [f"copy bandwidth {res.get('copy_GBps', 0):.0f} GB/s",
              f"{'B':>4s} {'context':>8s} {'nsa ms':>9s} {'dense ms':>9s} {'impl':>6s} {'x dense':>8s} "
-             f"{'nsa floor':>10s} {'nsa/floor':>10s} {'nsa sync':>9s} {'dense sync':>10s}"]
+             f"{'nsa floor':>10s} {'nsa/floor':>10s} {'nsa sync':>9s} {'dense sync':>10s} "
+             f"{'nsa loop':>9s} {'dense loop':>10s} {'x dense':>8s} {'nsa/floor':>10s}"]
     f = lambda x, p=3: f"{x:.{p}f}" if isinstance(x, float) else "-"  # noqa: E731
     for r in res["rows"]:
         lines.append(f"{r['B']:4d} {r['context']:8d} {f(r.get('nsa_ms')):>9s} {f(r.get('dense_ms')):>9s} "
                      f"{r.get('dense_impl', '-'):>6s} {f(r.get('speedup_vs_dense'), 2):>8s} "
                      f"{f(r.get('nsa_floor_ms'), 4):>10s} {f(r.get('nsa_over_floor'), 1):>10s} "
-                     f"{f(r.get('nsa_sync_ms')):>9s} {f(r.get('dense_sync_ms')):>10s}")
+                     f"{f(r.get('nsa_sync_ms')):>9s} {f(r.get('dense_sync_ms')):>10s} "
+                     f"{f(r.get('nsa_loop_ms')):>9s} {f(r.get('dense_loop_ms')):>10s} "
+                     f"{f(r.get('loop_speedup_vs_dense'), 2):>8s} {f(r.get('loop_nsa_over_floor'), 1):>10s}")
     return "\n".join(lines)
 
 
@@ -134,6 +170,7 @@ def main() -> None:
     p.add_argument("--B", type=int, nargs="+", help="batch sizes (default: all cases)")
     p.add_argument("--contexts", type=int, nargs="+", help="contexts (default: all cases)")
     p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--loop", type=int, default=32, help="steps per jitted loop (0: no loop timing)")
     p.add_argument("--platform", default=None)
     p.add_argument("--out", help="JSON file (default $OUT/bench_decode.json when $OUT is set)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
@@ -141,7 +178,7 @@ def main() -> None:
     if args.smoke:
         SHAPE.update(HQ=4, H=2, D=16, block_size=16, S=3, window=16)
         CASES[:] = [(1, 256), (2, 512)]
-        args.reps = 3
+        args.reps, args.loop = 3, min(args.loop, 2)
     run_and_save(run, args, "bench_decode.json", summarize)
 
 

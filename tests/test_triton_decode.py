@@ -58,12 +58,12 @@ CASES = {  # name: (HQ, H, Dk, Dv, window, cmp, array counts)
 }
 
 
-def _walk(case, dtype=jnp.float32, steps=3, poison=None, poison_value=None):
-    """Prefill three rows with 30, 15 and 0 tokens (XLA), then `steps` single-token steps
-    with both steps on the same cache; row 2 idles for the first step. Returns the list
-    of (triton, xla) outputs."""
+def _walk(case, dtype=jnp.float32, steps=3, poison=None, poison_value=None, prefill=(30, 15, 0), cap=48):
+    """Prefill three rows with `prefill` tokens (XLA; 30, 15 and 0), then `steps`
+    single-token steps with both steps on the same cache of `cap` tokens; row 2 idles for
+    the first step. Returns the list of (triton, xla) outputs."""
     HQ, H, Dk, Dv, window, cmp, array_counts = CASES[case]
-    B, T = 3, 40
+    B, T = 3, max(prefill) + 10
     q, k, v, gates = _inputs(list(CASES).index(case), B, T, HQ, H, Dk, Dv, dtype)
     if poison is not None:
         k = k.at[poison].set(jnp.nan)
@@ -73,11 +73,12 @@ def _walk(case, dtype=jnp.float32, steps=3, poison=None, poison_value=None):
     if array_counts:
         counts = jnp.asarray(np.random.default_rng(3).integers(0, S + 2, (B, T, H)), jnp.int32)
     xla, tri = _step("xla", window, cmp), _step("triton", window, cmp)
-    cache = ejnsa.init_nsa_cache(B, 48, H, Dk, Dv, block_size=L, dtype=dtype)
+    cache = ejnsa.init_nsa_cache(B, cap, H, Dk, Dv, block_size=L, dtype=dtype)
     cut = lambda x, a, b: None if x is None else x[:, a:b]  # noqa: E731
-    _, cache = xla(cache, q[:, :30], k[:, :30], v[:, :30], *(g[:, :30] for g in gates), cut(counts, 0, 30),
-                   jnp.asarray([30, 15, 0], jnp.int32))
-    done = np.array([30, 15, 0])
+    n0 = max(prefill)
+    _, cache = xla(cache, q[:, :n0], k[:, :n0], v[:, :n0], *(g[:, :n0] for g in gates), cut(counts, 0, n0),
+                   jnp.asarray(prefill, jnp.int32))
+    done = np.array(prefill)
     outs = []
     for i in range(steps):
         n = np.array([1, 1, 0 if i == 0 else 1])
@@ -122,6 +123,22 @@ def test_triton_step_non_finite_cache():
         _same(a, b, f"non-finite step {i}", 1e-5)
         np.testing.assert_array_equal(np.asarray(a)[0], np.asarray(c)[0])
         assert np.isnan(np.asarray(a)[1]).any(), "row 1 sees its NaN key (compressed block 0)"
+
+
+@pytest.mark.parametrize("case", ["G3_DkDv_counts", "G16_nowindow"])
+def test_triton_step_other_tiles(case, monkeypatch):
+    """Tiles the default does not pick at these sizes: the compressed keys of rows of 300
+    and 200 tokens (19 and 13 blocks) in splits of 16, all selected slots in one program,
+    loaded two blocks at a time, the window in steps of 16, and the combine merging two
+    partials of 8 value columns per step."""
+    from ejnsa.triton import decode
+
+    config = decode.DecodeConfig(cmp_programs=1 << 20, min_split_rows=16, cmp_rows=16, attend_programs=1,
+                                 slot_tile=2, window_step=16, combine_cols=8, combine_partials=2)
+    monkeypatch.setattr(decode.DecodeConfig, "default", staticmethod(lambda block_size: config))
+    for i, (a, b) in enumerate(_walk(case, steps=2, prefill=(300, 200, 0), cap=320)):
+        assert np.all(np.isfinite(np.asarray(a)))
+        _same(a, b, f"{case} step {i}", 1e-5)
 
 
 def test_other_calls_run_on_xla():

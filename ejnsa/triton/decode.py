@@ -31,6 +31,7 @@ other calls raise `Unsupported`, and the registry runs the XLA step (the referen
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -47,10 +48,37 @@ from ._shard import launcher
 MAX_SLOTS = 128  # S rounds of a max over the candidates: beyond this, XLA's sort serves
 MAX_SPLITS = 256  # splits of the compressed keys per (row, KV head)
 SPLIT_ROWS = 512  # most compressed rows per split (top-k keeps a split's scores in registers)
-MIN_SPLIT_ROWS = 128  # fewest rows per split (more splits: more partials for the combine to read)
-# Programs to aim for in the launches that stream keys: a step is bound by its loads, and
-# many short programs keep the most loads in flight (about 8 per SM of an H200).
-TARGET_PROGRAMS = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Tiles, warps and stages of the decode launches (tools/tuning/sweep_decode.py).
+
+    cmp_programs / attend_programs: programs to aim for in the two launches that stream
+    keys (a step is bound by its loads, and many short programs keep the most loads in
+    flight); they set the splits of the compressed keys (min_split_rows to SPLIT_ROWS rows
+    each) and the selected blocks per attend program. cmp_rows: compressed rows per step
+    of a split (BC); slot_tile: selected blocks loaded together by an attend program;
+    window_step: window keys per step (BW); combine_cols / combine_partials: value
+    columns per combine program (BVC) and partials merged per step (BP)."""
+
+    cmp_programs: int = 1024
+    min_split_rows: int = 128
+    cmp_rows: int = 64
+    cmp_warps: int = 4
+    cmp_stages: int = 3
+    attend_programs: int = 2048
+    slot_tile: int = 1
+    window_step: int = 64
+    attend_warps: int = 4
+    attend_stages: int = 3
+    combine_cols: int = 32
+    combine_partials: int = 8
+    combine_warps: int = 4
+
+    @staticmethod
+    def default(block_size: int) -> "DecodeConfig":
+        return DecodeConfig(attend_warps=8 if block_size >= 128 else 4)
 
 
 @triton.jit
@@ -280,14 +308,15 @@ def decode_attend_kernel(
     q, k, v, blocks, counts, start, num_new, scale_log2, CAP, W,
     m_out, l_out, acc_out, flag_out,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
-    S: tl.constexpr, SPP: tl.constexpr, NSEL: tl.constexpr, WU: tl.constexpr, BW: tl.constexpr, GP: tl.constexpr,
+    S: tl.constexpr, SPP: tl.constexpr, ST: tl.constexpr, NSEL: tl.constexpr, WU: tl.constexpr, BW: tl.constexpr, GP: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAS_COUNTS: tl.constexpr, PREC: tl.constexpr,
 ):
     """q [B, 1, HQ, K], k [B, CAP, H, K], v [B, CAP, H, V], blocks int32 [B, H, S], counts
     int32 [B, 1, H] (HAS_COUNTS) -> partials of unit u: m_out / l_out f32 [B, H, NU, GP],
     acc_out f32 [B, H, NU, GP, V], flag_out int32 [B, H, NU] (bits of `_attend_keys`).
-    Units u < NSEL hold the selected slots [u * SPP, (u + 1) * SPP); the others pieces of
-    WU window keys, pos - W + 1 + (u - NSEL) * WU + [0, WU) up to pos, in steps of BW."""
+    Units u < NSEL hold the selected slots [u * SPP, (u + 1) * SPP), ST per step; the
+    others pieces of WU window keys, pos - W + 1 + (u - NSEL) * WU + [0, WU) up to pos, in
+    steps of BW."""
     i_u = tl.program_id(0)
     i_h = tl.program_id(1)
     i_b = tl.program_id(2).to(tl.int64)
@@ -306,13 +335,17 @@ def decode_attend_kernel(
         if HAS_COUNTS:
             cnt = tl.load(counts + head)
         cur = pos // L
-        for r in tl.static_range(SPP):
-            slot = i_u * SPP + r
+        o_r = tl.arange(0, ST)
+        o_l = tl.arange(0, L)
+        for r in tl.static_range(0, SPP, ST):
+            # ST blocks per step: their keys are loaded as one [ST * L] tile.
+            slot = i_u * SPP + r + o_r
             idx = tl.load(blocks + head * S + slot, mask=slot < S, other=-1)
-            use = real & (idx >= 0) & (idx <= cur) & (slot < cnt)
-            o_j = idx * L + tl.arange(0, L)
+            use = (idx >= 0) & (idx <= cur) & (slot < cnt)
+            o_j = tl.reshape(idx[:, None] * L + o_l[None, :], [ST * L])
+            m_j = tl.reshape(use[:, None] & (o_l >= 0)[None, :], [ST * L])
             b_m, b_l, b_acc, b_flag = _attend_keys(b_q, b_m, b_l, b_acc, b_flag, k, v, o_j,
-                                                   (o_j >= 0) & (o_j <= tl.where(use, pos, -1)),
+                                                   m_j & (o_j >= 0) & (o_j <= tl.where(real, pos, -1)),
                                                    i_b, i_h, CAP, scale_log2, H, K, V, BK, BV, PREC)
     else:
         for i in range(0, WU, BW):
@@ -438,25 +471,26 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, int(n)))
 
 
-def compressed_splits(num_rows: int, batch: int, kv_heads: int, chunk: int) -> tuple[int, int]:
+def compressed_splits(num_rows: int, batch: int, kv_heads: int, chunk: int, config: DecodeConfig) -> tuple[int, int]:
     """(rows per split, splits) of a row's compressed keys: enough programs to fill the GPU
-    (TARGET_PROGRAMS over batch x KV heads), MIN_SPLIT_ROWS to SPLIT_ROWS rows each."""
-    want = max(1, cdiv(TARGET_PROGRAMS, batch * kv_heads))
-    rows = min(max(_pow2(cdiv(num_rows, want)), chunk, MIN_SPLIT_ROWS), SPLIT_ROWS)
+    (config.cmp_programs over batch x KV heads), min_split_rows to SPLIT_ROWS rows each."""
+    want = max(1, cdiv(config.cmp_programs, batch * kv_heads))
+    rows = min(max(_pow2(cdiv(num_rows, want)), chunk, config.min_split_rows), SPLIT_ROWS)
     return rows, cdiv(num_rows, rows)
 
 
-def slots_per_unit(num_slots: int, batch: int, kv_heads: int) -> int:
+def slots_per_unit(num_slots: int, batch: int, kv_heads: int, config: DecodeConfig) -> int:
     """Selected blocks per program of the attend launch: one each while there are few
-    programs, more (fewer partials to write and combine) while 2 * TARGET_PROGRAMS still run."""
+    programs, more (fewer partials to write and combine) while config.attend_programs
+    still run."""
     spp = 1
-    while spp < num_slots and batch * kv_heads * cdiv(num_slots, 2 * spp) >= 2 * TARGET_PROGRAMS:
+    while spp < num_slots and batch * kv_heads * cdiv(num_slots, 2 * spp) >= config.attend_programs:
         spp *= 2
     return spp
 
 
 def _launch(q, k, v, kc, vc, gc, gs, gw, start, num_new, counts, *, num_slots, block_size, window_size, scale,
-            dtype, out_dtype, with_cmp, gated_slc, has_counts):
+            dtype, out_dtype, with_cmp, gated_slc, has_counts, config: DecodeConfig):
     f32, i32 = jnp.float32, jnp.int32
     sds = jax.ShapeDtypeStruct
     B, _, HQ, K = q.shape
@@ -468,14 +502,14 @@ def _launch(q, k, v, kc, vc, gc, gs, gw, start, num_new, counts, *, num_slots, b
     q = q.astype(dtype)
     heads = dict(HQ=HQ, H=H, G=G, K=K, V=V, L=L)
 
-    BC = min(64, max(16, _pow2(NB)))
-    CS, NS = compressed_splits(NB, B, H, BC)
+    BC = min(config.cmp_rows, max(16, _pow2(NB)))
+    CS, NS = compressed_splits(NB, B, H, BC, config)
     s, cm, cl, cacc, cflag = triton_call(
         q, kc, vc, start, num_new, scale2, NB,
         kernel=decode_cmp_kernel,
         out_shape=(sds((B, H, G, NS * CS), f32), sds((B, H, NS, GP), f32), sds((B, H, NS, GP), f32),
                    sds((B, H, NS, GP, V), f32), sds((B, H, NS, GP), i32)),
-        grid=(NS, H, B), num_warps=4, name="ejnsa_decode_cmp",
+        grid=(NS, H, B), num_warps=config.cmp_warps, num_stages=config.cmp_stages, name="ejnsa_decode_cmp",
         CS=CS, BC=BC, GP=GP, BK=BK, BV=BV, WITH_V=with_cmp, PREC=prec, **heads,
     )
     top_s, top_i = triton_call(
@@ -493,29 +527,30 @@ def _launch(q, k, v, kc, vc, gc, gs, gw, start, num_new, counts, *, num_slots, b
         H=H, S=S, NSSP=_pow2(NS * S),
     )
 
-    spp = slots_per_unit(S, B, H)
+    spp = slots_per_unit(S, B, H, config)
     nsel = cdiv(S, spp)
     w = min(window_size, cap)
     wu = max(16, min(_pow2(w), max(64, L * spp)))  # window keys per unit; tl.dot needs >= 16
-    bw = min(64, wu)  # <= wu: the steps of a unit never reach into the next
+    bw = min(config.window_step, wu)  # <= wu: the steps of a unit never reach into the next
     nu = nsel + (cdiv(w, wu) if w > 0 else 0)
     am, al, aacc, aflag = triton_call(
         q, k, v, blocks, counts, start, num_new, scale2, cap, w,
         kernel=decode_attend_kernel,
         out_shape=(sds((B, H, nu, GP), f32), sds((B, H, nu, GP), f32), sds((B, H, nu, GP, V), f32),
                    sds((B, H, nu), i32)),
-        grid=(nu, H, B), num_warps=8 if L >= 128 else 4, name="ejnsa_decode_attend",
-        S=S, SPP=spp, NSEL=nsel, WU=wu, BW=bw, GP=GP, BK=BK, BV=BV, HAS_COUNTS=has_counts, PREC=prec, **heads,
+        grid=(nu, H, B), num_warps=config.attend_warps, num_stages=config.attend_stages, name="ejnsa_decode_attend",
+        S=S, SPP=spp, ST=min(config.slot_tile, spp), NSEL=nsel, WU=wu, BW=bw, GP=GP, BK=BK, BV=BV, HAS_COUNTS=has_counts, PREC=prec, **heads,
     )
-    BVC = min(32, BV)
+    BVC = min(config.combine_cols, BV)
     # The combine is a chain of round trips to memory: occupancy hides them. Eight partials
-    # per step keep it at 128 registers (sm_90, four programs per SM; sixteen took 200).
+    # of 32 columns per step keep it at 128 registers (sm_90, four programs per SM; sixteen
+    # took 200).
     return triton_call(
         q, gc, gs, gw, start, num_new, NB, cm, cl, cacc, cflag, am, al, aacc, aflag, NS, nu,
         kernel=decode_combine_kernel,
         out_shape=sds((B, 1, HQ, V), out_dtype),
-        grid=(cdiv(V, BVC), H, B), num_warps=4, name="ejnsa_decode_combine",
-        NSEL=nsel, GP=GP, BK=BK, BVC=BVC, BP=min(8, _pow2(max(NS, nu))), NSP=_pow2(NS), WITH_CMP=with_cmp,
+        grid=(cdiv(V, BVC), H, B), num_warps=config.combine_warps, name="ejnsa_decode_combine",
+        NSEL=nsel, GP=GP, BK=BK, BVC=BVC, BP=min(config.combine_partials, _pow2(max(NS, nu))), NSP=_pow2(NS), WITH_CMP=with_cmp,
         GATED_SLC=gated_slc, WINDOW=w > 0, **heads,
     )
 
@@ -525,6 +560,13 @@ def nsa_decode(query, key, value, k_cmp, v_cmp, g_cmp, g_slc, g_swa, start, num_
                block_size, window_size, softmax_scale):
     """o [B, 1, HQ, Dv] in query's dtype for the new token of each row: the contract of
     the XLA step (ejnsa.xla.decode.nsa_decode), for TN = 1 and num_slots <= MAX_SLOTS."""
+    return nsa_decode_with(DecodeConfig.default(int(block_size)), query, key, value, k_cmp, v_cmp, g_cmp, g_slc, g_swa,
+                           start, num_new, block_counts, num_slots, block_size, window_size, softmax_scale)
+
+
+def nsa_decode_with(config: DecodeConfig, query, key, value, k_cmp, v_cmp, g_cmp, g_slc, g_swa, start, num_new,
+                    block_counts, num_slots, block_size, window_size, softmax_scale):
+    """`nsa_decode` with explicit tiles (tests, tuning)."""
     batch, tn, hq, _ = query.shape
     if tn != 1:
         raise Unsupported(f"the Triton decode step takes one new token per row (TN = 1), got TN = {tn}; "
@@ -543,7 +585,7 @@ def nsa_decode(query, key, value, k_cmp, v_cmp, g_cmp, g_slc, g_swa, start, num_
     fn = functools.partial(
         _launch, num_slots=int(num_slots), block_size=int(block_size), window_size=int(window_size),
         scale=float(softmax_scale), dtype=jnp.promote_types(query.dtype, key.dtype), out_dtype=query.dtype,
-        with_cmp=g_cmp is not None, gated_slc=g_slc is not None, has_counts=block_counts is not None,
+        with_cmp=g_cmp is not None, gated_slc=g_slc is not None, has_counts=block_counts is not None, config=config,
     )
     layouts = ("b.q.", "b.h.", "b.h.", "b.h.", "b.h.", "b.q", "b.q", "b.q", "b", "b", "b.h")
     return launcher(fn, layouts, "b.q.")(query, key, value, k_cmp, v_cmp, gc, gs, gw, start.astype(jnp.int32),
