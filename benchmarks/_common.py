@@ -189,3 +189,27 @@ def run_and_save(run, args, name: str, summarize) -> dict:
             log(summarize(res))
         log(f"wall {res['wall_s']:.0f} s")
     return res
+
+
+def filled_decode_cache(B: int, C: int, HQ: int, H: int, D: int, block_size: int, dtype, seed: int):
+    """(cache, q, k1, v1, gates) for a decode step at context C: an `ejnsa.NSACache` of
+    capacity C holding C - 1 random tokens per row (compressed blocks pooled from them),
+    and one new token per row (q [B, 1, HQ, D], k1 / v1 [B, 1, H, D], three sigmoid gates
+    [B, 1, HQ])."""
+    import jax
+    import jax.numpy as jnp
+
+    import ejnsa
+
+    ks = jax.random.split(jax.random.key(seed), 8)
+    cache = ejnsa.init_nsa_cache(B, C, H, D, block_size=block_size, dtype=dtype)
+    keys = jax.random.normal(ks[0], cache.key.shape, dtype)
+    vals = jax.random.normal(ks[1], cache.value.shape, dtype)
+    pooled = jax.jit(lambda x: ejnsa.mean_pooling(x, block_size))
+    cache = cache._replace(key=keys, value=vals, key_cmp=pooled(keys), value_cmp=pooled(vals),
+                           lengths=jnp.full((B,), C - 1, jnp.int32))
+    q = jax.random.normal(ks[2], (B, 1, HQ, D), dtype)
+    k1, v1 = jax.random.normal(ks[3], (B, 1, H, D), dtype), jax.random.normal(ks[4], (B, 1, H, D), dtype)
+    gates = tuple(jax.nn.sigmoid(jax.random.normal(ks[5 + i], (B, 1, HQ), jnp.float32)).astype(dtype)
+                  for i in range(3))
+    return cache, q, k1, v1, gates

@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from _common import batched_ms, guarded, log, median_ms, run_and_save  # noqa: E402
+from _common import batched_ms, filled_decode_cache, guarded, log, median_ms, run_and_save  # noqa: E402
 
 SHAPE = dict(HQ=64, H=4, D=128, block_size=64, S=16, window=512)
 CASES = [(b, c) for b in (1, 8, 64) for c in (8192, 32768, 65536, 131072)] + [(1, 524288)]
@@ -61,16 +61,7 @@ def run(args) -> dict:
     for B, C in cases:
         row = {"B": B, "context": C}
         res["rows"].append(row)
-        ks = jax.random.split(jax.random.key(C + B), 8)
-        cache = ejnsa.init_nsa_cache(B, C, H, D, block_size=l, dtype=dt)
-        keys = jax.random.normal(ks[0], cache.key.shape, dt)
-        vals = jax.random.normal(ks[1], cache.value.shape, dt)
-        pooled = jax.jit(lambda k: ejnsa.mean_pooling(k, l))
-        cache = cache._replace(key=keys, value=vals, key_cmp=pooled(keys), value_cmp=pooled(vals),
-                               lengths=jnp.full((B,), C - 1, jnp.int32))
-        q = jax.random.normal(ks[2], (B, 1, HQ, D), dt)
-        k1, v1 = jax.random.normal(ks[3], (B, 1, H, D), dt), jax.random.normal(ks[4], (B, 1, H, D), dt)
-        gates = tuple(jax.nn.sigmoid(jax.random.normal(ks[5 + i], (B, 1, HQ), jnp.float32)).astype(dt) for i in range(3))
+        cache, q, k1, v1, gates = filled_decode_cache(B, C, HQ, H, D, l, dt, seed=C + B)
 
         def step(cache, q, k1, v1, g1, g2, g3):
             # Every timed step is the step at context C: the lengths are reset inside the
@@ -145,7 +136,7 @@ def run(args) -> dict:
             row["loop_nsa_over_floor"] = row["nsa_loop_ms"] / row["nsa_floor_ms"]
         log(f"  B={B:3d} C={C:7d}: nsa {row.get('nsa_ms')} ms, dense ({row.get('dense_impl')}) {row.get('dense_ms')} ms,"
             f" x dense {row.get('speedup_vs_dense')}, nsa / floor {row.get('nsa_over_floor')}")
-        del cache, keys, vals, state
+        del cache, state
     return res
 
 

@@ -26,7 +26,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "benchmarks"))
 sys.path.insert(0, os.path.join(HERE, "..", "gpu"))
-from _common import batched_ms, guarded, log, rel_err, run_and_save  # noqa: E402
+from _common import batched_ms, filled_decode_cache, guarded, log, rel_err, run_and_save  # noqa: E402
 
 SHAPE = dict(HQ=64, H=4, D=128, block_size=64, S=16, window=512)
 
@@ -68,17 +68,7 @@ def run(args) -> dict:
         HQ, H, D, l, S, w, cases = 4, 2, 16, 16, 3, 32, [(2, 512)]
     default_config = decode.DecodeConfig.default
     for B, C in cases:
-        ks = jax.random.split(jax.random.key(0), 8)
-        cache = ejnsa.init_nsa_cache(B, C, H, D, block_size=l, dtype=dt)
-        keys = jax.random.normal(ks[0], cache.key.shape, dt)
-        vals = jax.random.normal(ks[1], cache.value.shape, dt)
-        pooled = jax.jit(lambda x: ejnsa.mean_pooling(x, l))
-        cache = cache._replace(key=keys, value=vals, key_cmp=pooled(keys), value_cmp=pooled(vals),
-                               lengths=jnp.full((B,), C - 1, jnp.int32))
-        del keys, vals
-        q = jax.random.normal(ks[2], (B, 1, HQ, D), dt)
-        k1, v1 = jax.random.normal(ks[3], (B, 1, H, D), dt), jax.random.normal(ks[4], (B, 1, H, D), dt)
-        g = tuple(jax.nn.sigmoid(jax.random.normal(ks[5 + i], (B, 1, HQ), jnp.float32)).astype(dt) for i in range(3))
+        cache, q, k1, v1, g = filled_decode_cache(B, C, HQ, H, D, l, dt, seed=0)
         st = {"c": cache}
         ref = None
         for name, config in vs.items():
